@@ -42,6 +42,7 @@ ParamCheck = Callable[[Any], Param]
 
 STRATEGIES: dict[str, Strategy] = {}
 _PARAM_CHECKS: dict[str, ParamCheck] = {}
+SHAPE_ONLY = {"ratio", "fixed"}  # strategies that ignore the singular values
 
 
 def register(name: str, check: ParamCheck | None = None) -> Callable[[Strategy], Strategy]:
@@ -169,6 +170,11 @@ class RankSpec:
 
     name: str
     param: Param = None
+
+    @property
+    def needs_spectrum(self) -> bool:
+        """False for strategies that look only at the matrix's shape (ratio, fixed)."""
+        return self.name not in SHAPE_ONLY
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:

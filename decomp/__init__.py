@@ -1,0 +1,25 @@
+"""decomp: tensor-decomposition compression for PyTorch CNNs.
+
+import decomp
+compressed = decomp.decompose(model, method="tucker", rank="vbmf", input_size=(3, 32, 32))
+"""
+
+from decomp import factorize
+from decomp.metrics import competition_score, count_macs, count_params
+from decomp.plan import LayerPlan, Plan, applied_plans, apply, decompose, plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerPlan",
+    "Plan",
+    "__version__",
+    "applied_plans",
+    "apply",
+    "competition_score",
+    "count_macs",
+    "count_params",
+    "decompose",
+    "factorize",
+    "plan",
+]

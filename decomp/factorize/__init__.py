@@ -1,0 +1,28 @@
+"""Factorizers: one layer in, a module of plain nn.Conv2d / nn.Linear out.
+
+``tucker2(conv, ranks=(r_out, r_in))``, ``cp(conv, rank)`` and ``svd(layer, rank)`` compute the
+factors; ``build_*`` make the same modules with uninitialised weights, for loading saved models.
+"""
+
+from decomp.factorize.base import Factorized
+from decomp.factorize.cp import CPConv2d, CPDivergenceError, build_cp, cp, cp_factors
+from decomp.factorize.svd import SVDConv2d, SVDLinear, build_svd, svd, svd_factors
+from decomp.factorize.tucker import TuckerConv2d, build_tucker2, tucker2, tucker2_factors
+
+__all__ = [
+    "CPConv2d",
+    "CPDivergenceError",
+    "Factorized",
+    "SVDConv2d",
+    "SVDLinear",
+    "TuckerConv2d",
+    "build_cp",
+    "build_svd",
+    "build_tucker2",
+    "cp",
+    "cp_factors",
+    "svd",
+    "svd_factors",
+    "tucker2",
+    "tucker2_factors",
+]

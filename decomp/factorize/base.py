@@ -1,0 +1,109 @@
+"""Shared pieces of the factorizers: the module type they return and argument checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Factorized(nn.Sequential):
+    """A layer replaced by a chain of plain ``nn.Conv2d`` / ``nn.Linear`` modules.
+
+    Subclasses only name the method; the forward is ``nn.Sequential``'s, so MAC counters that
+    match exact types (thop, ptflops) count every child. ``ranks`` is recorded for reports and
+    so that a second decomposition pass can recognise the layer and leave it alone.
+    """
+
+    method: str = ""
+
+    def __init__(self, ranks: tuple[int, ...], **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+        self.ranks = tuple(int(r) for r in ranks)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, ranks={self.ranks}"
+
+
+def check_rank(rank: int, limit: int, what: str) -> int:
+    """Return ``rank`` as an int if ``1 <= rank <= limit``, else raise ValueError."""
+    if isinstance(rank, bool) or int(rank) != rank:
+        raise TypeError(f"rank must be an integer; got {rank!r}")
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank {rank} out of range for {what}; expected 1 <= rank <= {limit}")
+    return int(rank)
+
+
+def check_plain_conv(conv: nn.Module, method: str) -> nn.Conv2d:
+    """Accept only an ungrouped ``nn.Conv2d``; explain anything else."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{method} factorizes nn.Conv2d; got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"{method} needs an ungrouped conv; got groups={conv.groups} "
+            "(grouped and depthwise convs are left as they are)"
+        )
+    return conv
+
+
+def conv_like(
+    src: nn.Conv2d,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int] = (1, 1),
+    *,
+    stride: tuple[int, int] | int = 1,
+    padding: tuple[int, int] | int | str = 0,
+    dilation: tuple[int, int] | int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    padding_mode: str = "zeros",
+) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` on the device and dtype of ``src``."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+        device=src.weight.device,
+        dtype=src.weight.dtype,
+    )
+
+
+@torch.no_grad()
+def copy_bias(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the original bias into the last factor (only when the original had one)."""
+    if src.bias is not None:
+        dst.bias.copy_(src.bias)
+
+
+def gram_eigh(matrix: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Eigendecomposition of the smaller Gram matrix of ``matrix`` (m, n), largest first.
+
+    The product runs in float32 (or the matrix's wider dtype), the eigensolver in float64. Never
+    builds U and V of a full SVD, so a 4096 x 25088 layer costs one 4096 x 4096 eigh.
+
+    Returns:
+        ``(values, vectors, left)``: eigenvalues (k,) clipped at 0 (squared singular values),
+        eigenvectors (k, k) as columns, and whether they are left vectors (k = m <= n).
+    """
+    m = matrix.detach()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    left = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if left else m.T @ m
+    values, vectors = torch.linalg.eigh(gram.double())
+    values, vectors = values.flip(0), vectors.flip(1)
+    floor = values[0].clamp_min(0) * max(m.shape) * torch.finfo(m.dtype).eps
+    return torch.where(values > floor, values, torch.zeros_like(values)), vectors, left
+
+
+def singular_values(matrix: Tensor) -> Tensor:
+    """Singular values of ``matrix``, descending, in float64 (from :func:`gram_eigh`)."""
+    return gram_eigh(matrix)[0].sqrt()

@@ -1,0 +1,167 @@
+"""CP factorization of a conv kernel: 1x1 (Cin->R) -> kx1 depthwise -> 1xk depthwise -> 1x1 (R->Cout).
+
+The kernel W (Cout, Cin, kh, kw) is approximated by R rank-one terms
+``sum_r a_r (x) b_r (x) c_r (x) d_r`` (Lebedev et al., "Speeding-up convolutional neural networks
+using fine-tuned CP-decomposition", ICLR 2015), computed by CP-ALS in tensorly. The vertical and
+horizontal depthwise convs split the stride, padding and dilation by axis, so the layer keeps its
+output shape for any of them (and for 'same' padding, which needs stride 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from decomp import _tensorly
+from decomp.factorize.base import Factorized, check_plain_conv, check_rank, conv_like, copy_bias
+
+logger = logging.getLogger(__name__)
+
+DIVERGENCE_RATIO = 1e3  # a rank-one term this much larger than the kernel means CP-ALS degenerated
+
+
+class CPDivergenceError(ValueError):
+    """CP-ALS degenerated: huge cancelling components or a non-finite result."""
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """Factors of a CP kernel, weights folded in and norms balanced across the four modes.
+
+    Attributes:
+        out: (Cout, R); inp: (Cin, R); vertical: (kh, R); horizontal: (kw, R).
+    """
+
+    out: Tensor
+    inp: Tensor
+    vertical: Tensor
+    horizontal: Tensor
+
+    def reconstruct(self) -> Tensor:
+        """The approximated kernel, (Cout, Cin, kh, kw)."""
+        return torch.einsum("or,ir,hr,wr->oihw", self.out, self.inp, self.vertical, self.horizontal)
+
+
+def _balanced(weights: Tensor, factors: list[Tensor]) -> list[Tensor]:
+    """Fold the CP weights into the factors, giving each mode the same column norms."""
+    norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, R)
+    scale = (weights.abs() * norms.prod(0)).clamp_min(torch.finfo(norms.dtype).tiny) ** 0.25
+    unit = [f / n.clamp_min(torch.finfo(n.dtype).tiny) for f, n in zip(factors, norms, strict=True)]
+    unit[0] = unit[0] * weights.sign()
+    return [u * scale for u in unit]
+
+
+def _check_divergence(factors: CPFactors, weight: Tensor) -> float:
+    """Relative error of the factors; raise CPDivergenceError on a degenerate solution."""
+    term_norms = (
+        factors.out.norm(dim=0)
+        * factors.inp.norm(dim=0)
+        * factors.vertical.norm(dim=0)
+        * factors.horizontal.norm(dim=0)
+    )
+    w_norm = weight.norm()
+    error = ((weight - factors.reconstruct()).norm() / w_norm).item()
+    worst = (term_norms.max() / w_norm).item()
+    if not (torch.isfinite(term_norms).all() and error == error and error < 1.0):
+        raise CPDivergenceError(f"CP-ALS diverged (relative error {error:.3g})")
+    if worst > DIVERGENCE_RATIO:
+        raise CPDivergenceError(
+            f"CP-ALS degenerated: a rank-one term is {worst:.3g}x the kernel's norm"
+        )
+    return error
+
+
+def cp_factors(weight: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-6) -> CPFactors:
+    """CP factors of a conv kernel by CP-ALS, with a check for degenerate solutions.
+
+    A degenerate run (cancelling components of huge norm, a non-finite or useless fit) is retried
+    once with a small ridge penalty; if that fails too, CPDivergenceError says so.
+
+    Args:
+        weight: (Cout, Cin, kh, kw) kernel.
+        rank: R >= 1 (it may exceed every mode's size; CP has no such bound).
+        n_iter_max: most ALS sweeps.
+        tol: tensorly's stopping tolerance on the relative reconstruction error.
+    """
+    rank = check_rank(rank, weight.numel(), f"a kernel of {weight.numel()} entries")
+    w = weight.detach().double()
+    last_error: CPDivergenceError | None = None
+    for l2_reg in (0.0, 1e-4 * w.pow(2).sum().item() / rank):
+        weights, factors = _tensorly.parafac(w, rank, n_iter_max=n_iter_max, tol=tol, l2_reg=l2_reg)
+        out, inp, vertical, horizontal = _balanced(weights, factors)
+        result = CPFactors(out=out, inp=inp, vertical=vertical, horizontal=horizontal)
+        try:
+            error = _check_divergence(result, w)
+        except CPDivergenceError as exc:
+            logger.warning("%s; retrying with a ridge penalty", exc)
+            last_error = exc
+            continue
+        logger.debug("CP rank %d: relative error %.4f", rank, error)
+        dtype = weight.dtype
+        return CPFactors(*(f.to(dtype) for f in (out, inp, vertical, horizontal)))
+    raise CPDivergenceError(f"{last_error}; use tucker or a lower CP rank for this layer")
+
+
+def _split(value: tuple[int, int] | str, axis: int, neutral: int) -> tuple[int, int] | str:
+    """The per-axis part of a conv hyper-parameter; strings ('same', 'valid') pass through."""
+    if isinstance(value, str):
+        return value
+    return (value[0], neutral) if axis == 0 else (neutral, value[1])
+
+
+def build_cp(conv: nn.Conv2d, rank: int) -> CPConv2d:
+    """The CP module for ``conv`` with uninitialised weights (shapes only)."""
+    check_plain_conv(conv, "cp")
+    kh, kw = conv.kernel_size
+    rank = check_rank(rank, conv.weight.numel(), f"a kernel of {conv.weight.numel()} entries")
+
+    def depthwise(axis: int) -> nn.Conv2d:
+        return conv_like(
+            conv,
+            rank,
+            rank,
+            (kh, 1) if axis == 0 else (1, kw),
+            stride=_split(conv.stride, axis, 1),
+            padding=_split(conv.padding, axis, 0),
+            dilation=_split(conv.dilation, axis, 1),
+            groups=rank,
+            padding_mode=conv.padding_mode,
+        )
+
+    return CPConv2d(
+        (rank,),
+        first=conv_like(conv, conv.in_channels, rank),
+        vertical=depthwise(0),
+        horizontal=depthwise(1),
+        last=conv_like(conv, rank, conv.out_channels, bias=conv.bias is not None),
+    )
+
+
+@torch.no_grad()
+def cp(conv: nn.Conv2d, rank: int, **als: float) -> CPConv2d:
+    """Replace-ready CP factorization of an ungrouped ``nn.Conv2d``.
+
+    Args:
+        conv: the layer; stride, padding and dilation are split between the kx1 and 1xk
+            depthwise convs, its bias (if any) goes to the last 1x1.
+        rank: the CP rank R.
+        **als: ``n_iter_max`` / ``tol`` for :func:`cp_factors`.
+    """
+    module = build_cp(conv, rank)
+    f = cp_factors(conv.weight, rank, **als)
+    module.first.weight.copy_(f.inp.T[:, :, None, None])
+    module.vertical.weight.copy_(f.vertical.T[:, None, :, None])
+    module.horizontal.weight.copy_(f.horizontal.T[:, None, None, :])
+    module.last.weight.copy_(f.out[:, :, None, None])
+    copy_bias(conv, module.last)
+    return module
+
+
+class CPConv2d(Factorized):
+    """1x1 (Cin->R) -> kx1 depthwise -> 1xk depthwise -> 1x1 (R->Cout); children
+    first/vertical/horizontal/last."""
+
+    method = "cp"

@@ -1,0 +1,107 @@
+"""Truncated SVD of nn.Linear and 1x1 nn.Conv2d layers: two thin layers instead of one.
+
+W (out, in) ~ (W V_r) V_r^T or U_r (U_r^T W), with the top-r singular vectors taken from the
+eigendecomposition of the smaller Gram matrix: no full SVD is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias, gram_eigh
+
+
+@dataclass(frozen=True)
+class SVDFactors:
+    """W (out, in) ~ last @ first, with first (r, in) and last (out, r)."""
+
+    first: Tensor
+    last: Tensor
+
+    def reconstruct(self) -> Tensor:
+        """The approximated matrix, (out, in)."""
+        return self.last @ self.first
+
+
+def svd_factors(matrix: Tensor, rank: int) -> SVDFactors:
+    """Best rank-``rank`` factors of a matrix (Eckart-Young), in the matrix's dtype.
+
+    One factor is orthonormal singular vectors, the other is the matrix projected on them, so
+    no division by small singular values is needed and full rank is exact to rounding.
+    """
+    out_f, in_f = matrix.shape
+    rank = check_rank(rank, min(out_f, in_f), f"a {out_f}x{in_f} matrix")
+    _, vectors, left = gram_eigh(matrix)
+    m = matrix.detach().to(vectors.dtype)
+    basis = vectors[:, :rank]
+    if left:  # basis spans the columns: W ~ U (U^T W)
+        first, last = basis.T @ m, basis
+    else:  # basis spans the rows: W ~ (W V) V^T
+        first, last = basis.T, m @ basis
+    return SVDFactors(first=first.to(matrix.dtype), last=last.to(matrix.dtype))
+
+
+def _as_matrix(layer: nn.Module) -> Tensor:
+    """The (out, in) matrix of a Linear or an ungrouped 1x1 conv; a clear error otherwise."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if isinstance(layer, nn.Conv2d):
+        if layer.kernel_size != (1, 1) or layer.groups != 1:
+            raise ValueError(
+                "svd factorizes nn.Linear and ungrouped 1x1 convs; got a "
+                f"{layer.kernel_size[0]}x{layer.kernel_size[1]} conv with groups={layer.groups} "
+                "(use tucker or cp for kxk convs)"
+            )
+        return layer.weight[:, :, 0, 0]
+    raise TypeError(f"svd factorizes nn.Linear and 1x1 nn.Conv2d; got {type(layer).__name__}")
+
+
+def build_svd(layer: nn.Linear | nn.Conv2d, rank: int) -> SVDLinear | SVDConv2d:
+    """The SVD module for ``layer`` with uninitialised weights (shapes only)."""
+    out_f, in_f = _as_matrix(layer).shape
+    rank = check_rank(rank, min(out_f, in_f), f"a {out_f}x{in_f} matrix")
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        first = nn.Linear(in_f, rank, bias=False, **kw)
+        return SVDLinear((rank,), first=first, last=nn.Linear(rank, out_f, bias=has_bias, **kw))
+    first = conv_like(
+        layer,
+        in_f,
+        rank,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
+    return SVDConv2d((rank,), first=first, last=conv_like(layer, rank, out_f, bias=has_bias))
+
+
+@torch.no_grad()
+def svd(layer: nn.Linear | nn.Conv2d, rank: int) -> SVDLinear | SVDConv2d:
+    """Replace-ready rank-``rank`` SVD of an nn.Linear or an ungrouped 1x1 nn.Conv2d.
+
+    The first factor keeps a conv's stride and padding; the last one takes the bias, if any.
+    """
+    module = build_svd(layer, rank)
+    f = svd_factors(_as_matrix(layer), rank)
+    shape = (1, 1) if isinstance(layer, nn.Conv2d) else ()
+    module.first.weight.copy_(f.first.reshape(*f.first.shape, *shape))
+    module.last.weight.copy_(f.last.reshape(*f.last.shape, *shape))
+    copy_bias(layer, module.last)
+    return module
+
+
+class SVDLinear(Factorized):
+    """Linear (in->r, no bias) -> Linear (r->out); children first/last."""
+
+    method = "svd"
+
+
+class SVDConv2d(Factorized):
+    """1x1 conv (Cin->r, the stride and padding) -> 1x1 conv (r->Cout); children first/last."""
+
+    method = "svd"
