@@ -393,7 +393,8 @@ def _check_fits(module: nn.Module, lp: LayerPlan) -> None:
     expected = nn.Linear if lp.kind == "linear" else nn.Conv2d
     if not isinstance(module, expected):
         raise ValueError(
-            f"{lp.name}: the plan expects {expected.__name__}, the model has {type(module).__name__}"
+            f"{lp.name}: the plan expects {expected.__name__}, "
+            f"the model has {type(module).__name__}"
         )
     if list(module.weight.shape) != list(lp.shape):
         raise ValueError(

@@ -1,4 +1,4 @@
-"""CP factorization of a conv kernel: 1x1 (Cin->R) -> kx1 depthwise -> 1xk depthwise -> 1x1 (R->Cout).
+"""CP factorization of a conv: 1x1 (Cin->R) -> kx1 depthwise -> 1xk depthwise -> 1x1 (R->Cout).
 
 The kernel W (Cout, Cin, kh, kw) is approximated by R rank-one terms
 ``sum_r a_r (x) b_r (x) c_r (x) d_r`` (Lebedev et al., "Speeding-up convolutional neural networks

@@ -1,4 +1,4 @@
-"""Tucker-2 factorization of a conv kernel: 1x1 (Cin->Rin) -> kxk core (Rin->Rout) -> 1x1 (Rout->Cout).
+"""Tucker-2 factorization of a conv: 1x1 (Cin->Rin) -> kxk core (Rin->Rout) -> 1x1 (Rout->Cout).
 
 The kernel W (Cout, Cin, kh, kw) is approximated as ``core x_0 U_out x_1 U_in`` (Kim et al.,
 "Compression of deep convolutional neural networks for fast and low power mobile applications",
