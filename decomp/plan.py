@@ -32,6 +32,7 @@ from decomp.factorize import (
 )
 from decomp.factorize.base import singular_values
 from rank_selection import RankSpec, parse_rank_spec
+from rank_selection.budget import BudgetLayer, allocate
 
 logger = logging.getLogger(__name__)
 
@@ -264,34 +265,114 @@ def _spectrum(matrix: torch.Tensor, spec: RankSpec) -> np.ndarray:
     return singular_values(matrix).cpu().numpy()
 
 
-def _layer_plan(
-    name: str,
-    layer: nn.Module,
-    calls: list[_Call],
-    requested: str,
-    spec: RankSpec,
-    force: bool,
-) -> LayerPlan:
-    kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+def _dense_plan(name: str, layer: nn.Module, calls: list[_Call], reason: str = "") -> LayerPlan:
+    """The plan entry of a layer left as it is (costs before = after)."""
     macs, params = _costs_before(layer, calls)
-    lp = LayerPlan(name, kind, list(layer.weight.shape), macs_before=macs, params_before=params)
-    lp.macs_after, lp.params_after = macs, params
-    if not calls:
-        lp.reason = "not called in the forward pass"
-        return lp
-    method, lp.reason = _method_for(layer, requested)
-    if method is None:
-        return lp
-    ranks = select_ranks(layer, method, spec)
+    kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+    return LayerPlan(
+        name, kind, list(layer.weight.shape), None, [], macs, macs, params, params, reason
+    )
+
+
+def _decide(
+    lp: LayerPlan,
+    layer: nn.Module,
+    method: str,
+    ranks: list[int],
+    calls: list[_Call],
+    force: bool,
+    source: str,
+) -> None:
+    """Fill ``lp`` with ``method`` at ``ranks``, or the reason it is left alone."""
     if 0 in ranks:
-        lp.reason = f"{spec} gives rank 0 (noise-like weights); use vbmf:WF, ratio:F or energy:E"
-        return lp
+        lp.reason = f"{source} gives rank 0 (noise-like weights); use vbmf:WF, ratio:F or energy:E"
+        return
     macs_after, params_after = _costs_after(layer, method, ranks, calls)
-    if macs_after >= macs and not force:
-        lp.reason = f"{method} at ranks {ranks} would not cut MACs ({macs:,} -> {macs_after:,})"
-        return lp
+    if macs_after >= lp.macs_before and not force:
+        lp.reason = (
+            f"{method} at ranks {ranks} would not cut MACs ({lp.macs_before:,} -> {macs_after:,})"
+        )
+        return
     lp.method, lp.ranks, lp.macs_after, lp.params_after = method, ranks, macs_after, params_after
-    return lp
+
+
+def parse_macs_target(target: float | int | str, model_macs: int) -> int:
+    """A MACs budget: a fraction in (0, 1] of ``model_macs``, or a count (5000000, "5M", "1.2G")."""
+    value: float | int | None = None
+    if isinstance(target, int | float) and not isinstance(target, bool):
+        value = target
+    elif isinstance(target, str):
+        text = target.strip().upper()
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:])
+        try:
+            value = (
+                float(text[:-1]) * scale
+                if scale
+                else (int(text) if text.isdigit() else float(text))
+            )
+        except ValueError:
+            value = None
+    if isinstance(value, float) and 0 < value <= 1:
+        return int(value * model_macs)
+    if value is not None and value >= 1 and float(value).is_integer():
+        return int(value)
+    raise ValueError(
+        f"bad MACs target {target!r}; expected a fraction in (0, 1] like 0.25, "
+        "or a count like 5000000 or 5M"
+    )
+
+
+def _mode_tails(matrix: torch.Tensor) -> np.ndarray:
+    """tails[r] = share of the squared singular values beyond the first r, r = 0..len."""
+    energy = singular_values(matrix).pow(2).cpu().numpy()
+    total = energy.sum() or 1.0
+    return np.concatenate([[total], total - np.cumsum(energy)]).clip(min=0) / total
+
+
+GRID = 64  # a Tucker-2 layer's budget ranks move along (ceil(k/64 Cout), ceil(k/64 Cin))
+
+
+def _budget_entry(lp: LayerPlan, module: nn.Module, method: str, layer_calls: list[_Call]):
+    """One layer's error-versus-MACs curve for the allocator, and its grid-step -> ranks map."""
+    weight = module.weight.detach()
+    if method == "svd":
+        tails = [_mode_tails(weight.reshape(weight.shape[0], -1))]
+        steps = len(tails[0]) - 1
+
+        def ranks_at(k: int) -> list[int]:
+            return [k]
+    else:
+        tails = [_mode_tails(m) for m in _unfoldings(weight)]
+        dims = [len(t) - 1 for t in tails]
+        steps = min(GRID, max(dims))
+
+        def ranks_at(k: int) -> list[int]:
+            return [max(1, -(-k * d // steps)) for d in dims]
+
+    def error(k: tuple[int]) -> float:
+        return float(sum(t[r] for t, r in zip(tails, ranks_at(k[0]), strict=True)))
+
+    def cost(k: tuple[int]) -> int:
+        return _costs_after(module, method, ranks_at(k[0]), layer_calls)[0]
+
+    step = (max(1, steps // GRID),)
+    return BudgetLayer(lp.name, (steps,), cost, error, lp.macs_before, steps=step), ranks_at
+
+
+def _budget_ranks(eligible: list, calls: dict, budget: int, model_macs: int) -> list:
+    """Ranks for the eligible layers that fit ``budget`` MACs with the least estimated error.
+
+    The error of a layer is estimated from the spectra of its unfoldings (cheap: one Gram
+    eigendecomposition per mode): for SVD at rank r it is the dropped share of the squared
+    singular values, exactly (Eckart-Young); for Tucker-2 it is the HOSVD bound, the dropped
+    shares of both channel unfoldings added. Tucker-2 ranks move together along a grid of
+    fractions of (Cout, Cin), so that each layer has one convex error-versus-MACs curve, the
+    shape a greedy marginal allocation needs.
+    """
+    entries = [_budget_entry(lp, m, method, calls[m]) for lp, m, method in eligible]
+    fixed = model_macs - sum(lp.macs_before for lp, _, _ in eligible)
+    chosen = allocate([e for e, _ in entries], budget, fixed_cost=fixed)
+    return [None if k is None else f(k[0]) for (_, f), k in zip(entries, chosen, strict=True)]
 
 
 def _targets(model: nn.Module) -> dict[nn.Module, list[str]]:
@@ -319,6 +400,7 @@ def plan(
     input_size: Sequence[int] = (3, 32, 32),
     exclude: Iterable[str] = (),
     force: bool = False,
+    target_macs: float | int | str | None = None,
 ) -> Plan:
     """Decide, per layer and without changing ``model``, how it is factorized.
 
@@ -329,12 +411,17 @@ def plan(
         input_size: (C, H, W) of one input, used to trace spatial sizes.
         exclude: fnmatch patterns of qualified names to leave alone.
         force: factorize layers even where that would not cut MACs.
+        target_macs: a MACs budget for the whole model: a fraction of its MACs (0.25), or a
+            count (5_000_000, "5M"). Ranks are then allocated across layers by
+            :func:`rank_selection.budget.allocate` and ``rank`` is not used.
 
     Returns:
         The Plan; layers that are left alone carry the reason.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    if target_macs is not None and method == "cp":
+        raise ValueError("target_macs works with tucker, svd and auto; CP has no cheap error curve")
     spec = parse_rank_spec(rank)
     input_size = _check_input_size(input_size)
     exclude = list(exclude)
@@ -342,37 +429,36 @@ def plan(
 
     calls = trace_calls(model, input_size)
     inner = _inside_factorized(model)
-    layers = []
+    layers, eligible = [], []
     for module, names in _targets(model).items():
-        name, aliases = names[0], names[1:]
         hit = next((p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
-        if hit is not None or module in inner:
-            macs, params = _costs_before(module, calls.get(module, []))
-            reason = f"excluded by {hit!r}" if hit is not None else "already factorized"
-            lp = LayerPlan(
-                name,
-                "conv" if isinstance(module, nn.Conv2d) else "linear",
-                list(module.weight.shape),
-                None,
-                [],
-                macs,
-                macs,
-                params,
-                params,
-                reason,
-            )
-        else:
-            lp = _layer_plan(name, module, calls.get(module, []), method, spec, force)
-        lp.aliases = aliases
+        lp = _dense_plan(names[0], module, calls.get(module, []))
+        lp.aliases = names[1:]
         layers.append(lp)
-    result = Plan(
-        method,
-        str(spec),
-        list(input_size),
-        layers,
-        count_macs(model, tuple(input_size)),
-        count_params(model),
-    )
+        if hit is not None:
+            lp.reason = f"excluded by {hit!r}"
+        elif module in inner:
+            lp.reason = "already factorized"
+        elif module not in calls:
+            lp.reason = "not called in the forward pass"
+        else:
+            chosen, lp.reason = _method_for(module, method)
+            if chosen is not None:
+                eligible.append((lp, module, chosen))
+    model_macs = count_macs(model, tuple(input_size))
+    if target_macs is None:
+        ranks = [select_ranks(module, chosen, spec) for _, module, chosen in eligible]
+        source = str(spec)
+    else:
+        budget = parse_macs_target(target_macs, model_macs)
+        ranks = _budget_ranks(eligible, calls, budget, model_macs)
+        source = f"target-macs:{target_macs}"
+    for (lp, module, chosen), r in zip(eligible, ranks, strict=True):
+        if r is None:
+            lp.reason = "kept dense by the MACs budget"
+        else:
+            _decide(lp, module, chosen, r, calls[module], force, source)
+    result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
     logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
     return result
 
