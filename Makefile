@@ -1,11 +1,15 @@
-# The way in. `make install` builds .venv with the exact pins in constraints.txt.
+# The way in. `make install` builds .venv with the exact pins in constraints.txt; the other targets
+# run it first when .venv is missing or older than the project's dependency files.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-quality bench-speed bench-smoke clean
+.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-smoke clean
 
-install:
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
@@ -14,23 +18,35 @@ install:
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
 		|| echo "could not install dataset-fashion-mnist; pass --data DIR with the IDX files"; \
 	fi
+	touch $(STAMP)
 
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-all:
+test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-lint:
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format:
+format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-demo:
+demo: $(STAMP)
 	$(VENV)/bin/decomp demo
+
+bench: bench-tucker bench-speed
+
+bench-tucker: $(STAMP)
+	$(PY) -m benchmarks.bench_tucker
+
+bench-speed: $(STAMP)
+	$(PY) -m benchmarks.bench_speed
+
+bench-smoke: $(STAMP)
+	$(PY) -m pytest -q tests/test_bench_speed_smoke.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
