@@ -33,6 +33,7 @@ from rich.text import Text
 from torch import nn
 
 from decomp import checkpoint
+from decomp import pipeline as pipeline_defaults
 from decomp.metrics import count_macs, count_macs_competition, count_params
 from decomp.plan import Plan, applied_plans, apply, plan
 from rank_selection import parse_rank_spec
@@ -131,6 +132,15 @@ RankOpt = Annotated[
         help="Rank spec: vbmf, vbmf:WF (weakened), ratio:F, energy:E, an integer, or a float "
         f"in (0, 1]. Default: {DEFAULT_RANK}.",
         show_default=False,
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        metavar="DATA",
+        help="fashion-mnist (the Debian package's files), fashion-mnist:DIR, or an ImageFolder "
+        "directory (train/ and val/, one folder per class).",
     ),
 ]
 JsonOpt = Annotated[
@@ -338,6 +348,8 @@ class _Job:
     json_output: bool
     size: list[int] = field(default_factory=list)
     macs_before: int | None = None  # known when the plan was made here, else measured
+    data: str | None = None  # calibrate batch norm on this data after decomposing
+    batches: int = 30
 
 
 def _read_plan_file(path: Path) -> Plan:
@@ -369,10 +381,11 @@ def _make_plan(
     input_size: list[int],
     exclude: list[str],
     force: bool,
+    target_macs: str | None = None,
 ) -> Plan:
     with _status("planning"):
         return _forward_hint(
-            lambda: plan(model, method, rank, input_size, exclude, force), input_size
+            lambda: plan(model, method, rank, input_size, exclude, force, target_macs), input_size
         )
 
 
@@ -441,6 +454,25 @@ def decompose_command(
         bool,
         typer.Option("--force", help="Factorize layers even where that would not cut MACs."),
     ] = False,
+    target_macs: Annotated[
+        str | None,
+        typer.Option(
+            "--target-macs",
+            metavar="X",
+            help="A MACs budget for the whole model: a fraction of its MACs (0.2) or a count "
+            "(5M, 5000000). Ranks are allocated across layers; --rank is not used.",
+        ),
+    ] = None,
+    data: DataOpt = None,
+    calibrate_batches: Annotated[
+        int,
+        typer.Option(
+            "--calibrate-batches",
+            min=0,
+            help="With --data: re-estimate batch-norm statistics on this many training batches "
+            "after decomposing (no training).",
+        ),
+    ] = 30,
     verbose: VerboseOpt = False,
 ) -> None:
     """Decompose a model's layers and save the compressed model as a decomp file."""
@@ -448,13 +480,15 @@ def decompose_command(
         size = parse_input_size(input_size)
         fixed = None
         if plan_file is not None:
-            _check_plan_conflicts(method=method, rank=rank, exclude=exclude, force=force)
+            _check_plan_conflicts(
+                method=method, rank=rank, exclude=exclude, force=force, target_macs=target_macs
+            )
             fixed = _read_plan_file(plan_file)
         else:
             parse_rank_spec(rank or DEFAULT_RANK)
         checkpoint.check_input_path(model)
         name = fixed.method if fixed else (method or Method.tucker).value
-        job = _Job(model, None, dry_run, json_output)
+        job = _Job(model, None, dry_run, json_output, data=data, batches=calibrate_batches)
         if not dry_run:
             job.target = output or model.with_name(f"{model.stem}_{name}.pt")
             checkpoint.check_output_path(job.target, source=model)
@@ -466,7 +500,7 @@ def decompose_command(
         else:
             job.size = _input_size(size, net, model)
             spec = rank or DEFAULT_RANK
-            p = _make_plan(net, name, spec, job.size, exclude or [], force)
+            p = _make_plan(net, name, spec, job.size, exclude or [], force, target_macs)
             job.macs_before = p.model_macs
         _run_job(net, p, job)
 
@@ -501,9 +535,10 @@ def _decompose_and_save(net: nn.Module, p: Plan, job: _Job) -> None:
     before = job.macs_before if job.macs_before is not None else count_macs(net, size)
     after = _forward_hint(lambda: count_macs(compressed, size), size)
     params = (count_params(net), count_params(compressed))
+    calibrated = _calibrate(compressed, job.data, size, job.batches)
     extra = {
         "decompose": {"method": p.method, "rank": p.rank, "input_size": size},
-        "bn_calibrated": False,
+        "bn_calibrated": calibrated,
     }
     checkpoint.save(compressed, job.target, input_size=size, source=job.source, extra=extra)
     seconds = time.perf_counter() - start
@@ -513,6 +548,21 @@ def _decompose_and_save(net: nn.Module, p: Plan, job: _Job) -> None:
     totals = _totals_line((before, after), params, len(p.decomposed), len(p.layers))
     _say(totals)
     _say(f"wrote {job.target} ({_size_mb(job.target)}) in {seconds:.1f} s")
+
+
+def _calibrate(model: nn.Module, data: str | None, size: Sequence[int], batches: int) -> bool:
+    """Re-estimate batch-norm statistics on ``data`` (no training); whether it was done."""
+    if data is None or batches == 0:
+        return False
+    from decomp.data import load_data
+    from decomp.train import calibrate
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        _say("no batch-norm layers: nothing to calibrate")
+        return False
+    with _status(f"calibrating batch norm on {batches} batches of {data}"):
+        calibrate(model, load_data(data, tuple(size)).train_loader, batches=batches)
+    return True
 
 
 def _nothing(p: Plan, job: _Job) -> None:
@@ -736,6 +786,189 @@ def export_command(
         _say(f"wrote {target} ({_size_mb(target)}); {check}")
 
 
+# ----------------------------------------------------- train, finetune, evaluate, demo
+
+
+_DEMO_METHOD = Method(pipeline_defaults.DEMO_METHOD)
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Training epochs.")]
+
+
+def train_command(
+    arch: Annotated[
+        str, typer.Option("--arch", metavar="MODULE:FACTORY", help="The model to train.")
+    ] = "torchvision.models:resnet18",
+    arch_kwargs: ArchKwargsOpt = None,
+    data: DataOpt = "fashion-mnist",
+    epochs: EpochsOpt = pipeline_defaults.DEMO_EPOCHS,
+    input_size: InputSizeOpt = "3,32,32",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="Default: runs/baseline.pt."),
+    ] = None,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a baseline from scratch and save it as a decomp file (input size, class names)."""
+    from decomp.pipeline import train_baseline
+
+    with _command(verbose):
+        size = parse_input_size(input_size)
+        if output is None:
+            output = Path("runs/baseline.pt")
+            output.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.check_output_path(output)
+        outcome = train_baseline(
+            arch, arch_kwargs, data, size, epochs, output, progress=not json_output
+        )
+        _report(outcome.to_dict(), outcome.test, json_output, f"trained {arch}", output)
+
+
+def finetune_command(
+    model: ModelArg,
+    data: DataOpt = "fashion-mnist",
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", metavar="ORIGINAL", help="Distil from this model (KD)."),
+    ] = None,
+    epochs: EpochsOpt = pipeline_defaults.DEMO_FINETUNE_EPOCHS,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="Default: <stem>_ft.pt."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint of a killed run.")
+    ] = False,
+    calibrate_batches: Annotated[
+        int,
+        typer.Option(
+            "--calibrate-batches",
+            min=0,
+            help="Re-estimate batch-norm statistics on this many batches before training, "
+            "unless the file says that was done.",
+        ),
+    ] = 30,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune a (decomposed) model from its own weights; distil from --teacher if given."""
+    from decomp.data import load_data
+    from decomp.pipeline import finetune
+    from decomp.train import calibrate
+
+    with _command(verbose):
+        checkpoint.check_input_path(model)
+        target = output or model.with_name(f"{model.stem}_ft.pt")
+        checkpoint.check_output_path(target, source=model)
+        net = _load(model, arch, arch_kwargs, trust_pickle)
+        size = _input_size(None, net, model)
+        teacher_net = None if teacher is None else _load(teacher, None, None, trust_pickle)
+        bundle = load_data(data, tuple(size))
+        meta = getattr(net, checkpoint.META_ATTR, None) or {}
+        if calibrate_batches and not (meta.get("extra") or {}).get("bn_calibrated"):
+            calibrate(net, bundle.train_loader, batches=calibrate_batches)
+        outcome = finetune(
+            net,
+            bundle,
+            teacher=teacher_net,
+            epochs=epochs,
+            output=target,
+            resume=resume,
+            progress=not json_output,
+        )
+        _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
+
+
+def _report(record: dict, test: dict | None, json_output: bool, title: str, path: Path) -> None:
+    from decomp.pipeline import evaluation_table
+
+    if json_output:
+        _print_json(record)
+        return
+    if test is not None:
+        out.print(evaluation_table(test, title=f"{title}: test split"))
+    _say(f"wrote {path}")
+
+
+def evaluate_command(
+    model: ModelArg,
+    data: DataOpt = "fashion-mnist",
+    input_size: InputSizeOpt = None,
+    latency: Annotated[
+        bool, typer.Option("--latency/--no-latency", help="Time batch 1 and 64 forwards.")
+    ] = True,
+    baseline_macs: Annotated[
+        int, typer.Option("--baseline-macs", help="Competition score: the baseline's MACs.")
+    ] = 13_863_553,
+    baseline_f1: Annotated[
+        float, typer.Option("--baseline-f1", help="Competition score: the baseline's F1.")
+    ] = 0.8342,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Macro F1, accuracy, per-class F1, MACs (thop and ptflops), params, latency, score."""
+    from decomp.data import load_data
+    from decomp.pipeline import evaluate, evaluation_table
+
+    with _command(verbose):
+        checkpoint.check_input_path(model)
+        net = _load(model, arch, arch_kwargs, trust_pickle)
+        size = _input_size(parse_input_size(input_size), net, model)
+        bundle = load_data(data, tuple(size))
+        metrics = evaluate(
+            net,
+            bundle,
+            size,
+            latency=latency,
+            baseline_macs=baseline_macs,
+            baseline_f1=baseline_f1,
+        )
+        if json_output:
+            _print_json(metrics)
+        else:
+            out.print(evaluation_table(metrics, title=f"{model} on {data}"))
+
+
+def demo_command(
+    output_dir: Annotated[Path, typer.Option("--output-dir", metavar="DIR")] = Path("runs/demo"),
+    epochs: EpochsOpt = pipeline_defaults.DEMO_EPOCHS,
+    finetune_epochs: Annotated[
+        int, typer.Option("--finetune-epochs", min=0)
+    ] = pipeline_defaults.DEMO_FINETUNE_EPOCHS,
+    method: Annotated[Method, typer.Option("--method", "-m")] = _DEMO_METHOD,
+    rank: Annotated[str, typer.Option("--rank", metavar="SPEC")] = pipeline_defaults.DEMO_RANK,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train the baseline again even if one is cached.")
+    ] = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fashion-MNIST end to end: train (or reuse) ResNet-18, decompose, calibrate, fine-tune."""
+    from decomp.pipeline import demo_table, run_demo
+
+    with _command(True if not json_output else verbose):
+        parse_rank_spec(rank)
+        results = run_demo(
+            output_dir,
+            epochs,
+            finetune_epochs,
+            rank,
+            method.value,
+            retrain=retrain,
+            progress=not json_output,
+        )
+        if json_output:
+            _print_json(results)
+        else:
+            out.print(demo_table(results))
+            _say(f"results in {Path(output_dir) / 'results.json'}")
+
+
 # ---------------------------------------------------------------------------- the apps
 
 
@@ -760,6 +993,10 @@ def _root(
 app.command("decompose", no_args_is_help=True)(decompose_command)
 app.command("inspect", no_args_is_help=True)(inspect_command)
 app.command("export", no_args_is_help=True)(export_command)
+app.command("train")(train_command)
+app.command("finetune", no_args_is_help=True)(finetune_command)
+app.command("evaluate", no_args_is_help=True)(evaluate_command)
+app.command("demo")(demo_command)
 
 decompose_app = typer.Typer(name="decompose", **_APP_SETTINGS)
 decompose_app.command(no_args_is_help=True)(decompose_command)
