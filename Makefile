@@ -37,7 +37,7 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/decomp demo
 
-bench: bench-tucker bench-speed
+bench: bench-tucker bench-speed bench-quality
 
 bench-tucker: $(STAMP)
 	$(PY) -m benchmarks.bench_tucker
@@ -45,8 +45,11 @@ bench-tucker: $(STAMP)
 bench-speed: $(STAMP)
 	$(PY) -m benchmarks.bench_speed
 
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.bench_quality
+
 bench-smoke: $(STAMP)
-	$(PY) -m pytest -q tests/test_bench_speed_smoke.py
+	$(PY) -m pytest -q tests/test_bench_speed_smoke.py tests/test_bench_quality_smoke.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

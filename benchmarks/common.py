@@ -1,0 +1,403 @@
+"""Shared pieces of the benchmark scripts: result files, markdown tables, isolated peak memory.
+
+Results are data (STYLE.md item 12). Each script writes one JSON file
+
+    {"meta": {"config", "versions", "machine", "timestamp", ...}, "rows": [...], <more sections>}
+
+atomically, then renders its markdown *from the JSON it just wrote* with :func:`render_table`, so a
+table is never typed by hand and can always be rebuilt from the file.
+
+Peak memory. ``tracemalloc`` does not see torch's allocations, so the peak is read from the kernel:
+the ``VmHWM`` ("high water mark", peak resident set size) line of ``/proc/self/status`` in a child
+process. Each measurement runs in its own child (:func:`run_isolated`), started from a forkserver
+that has already imported torch, so a child costs a fraction of a second instead of a fresh
+interpreter's seconds. Inside the child, :meth:`MemoryProbe.section` writes ``5`` to
+``/proc/self/clear_refs`` (Linux >= 4.0), which resets VmHWM to the current RSS, so the section's
+peak excludes the imports and the setup (building the model) before it; it reports
+``peak_delta_mb = VmHWM after - VmRSS before``. Where the reset is refused the record says
+``hwm_reset: false`` and the delta is an upper bound (the setup's peak may be in it); where
+``/proc`` is missing it falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (never reset).
+RSS counts every page torch touched, CPU tensors included; memory freed by an earlier section but
+kept by the allocator can hide part of a later peak, so measure one section per child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+"""Where the scripts write by default (``--output`` overrides)."""
+
+_PRELOAD = ["torch", "torchvision", "numpy", "tensorly", "decomp.metrics", "decomp._tensorly"]
+_CONTEXT: Any = None
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries the benchmarks compare, read without importing them.
+
+    (Importing tensorly-torch would switch tensorly's global backend as a side effect.)
+    """
+    names = {
+        "torch": "torch",
+        "torchvision": "torchvision",
+        "tensorly": "tensorly",
+        "tltorch": "tensorly-torch",
+        "decomp": "decomp",
+        "numpy": "numpy",
+        "thop": "ultralytics-thop",
+    }
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for key, dist in names.items():
+        try:
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[key] = None
+    return versions
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform.processor()."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository the benchmarks live in (read-only), or None."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU, core counts, torch's thread count, accelerator name and load at start."""
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "device_name": _cpu_name(),
+    }
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError, AttributeError):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def make_meta(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The ``meta`` block: config, versions, machine, UTC timestamp, git commit, command line."""
+    return {
+        "config": dict(config),
+        "versions": library_versions(),
+        "machine": machine_info(),
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "argv": list(sys.argv),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn NaN/inf into None (JSON has no such numbers) and tuples into lists, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+def write_results(
+    path: str | Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], **sections: Any
+) -> dict[str, Any]:
+    """Write ``{"meta", "rows", **sections}`` to ``path`` atomically; return what was written."""
+    payload = _jsonable({"meta": meta, "rows": list(rows), **sections})
+    _atomic_write(Path(path), json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    return payload
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Load a results file written by :func:`write_results`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a rendered report atomically."""
+    _atomic_write(Path(path), text)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+@dataclass(frozen=True)
+class Column:
+    """One markdown column: the row key, its header, and how to format the value.
+
+    ``fmt`` is a format spec (``".3f"``, ``",d"``) or a callable; ``None`` values print as ``-``.
+    """
+
+    key: str
+    header: str | None = None
+    fmt: str | Callable[[Any], str] = ""
+
+
+def _cell(value: Any, fmt: str | Callable[[Any], str]) -> str:
+    """Format one cell; lists are joined with commas; pipes are escaped."""
+    if value is None:
+        return "-"
+    if callable(fmt):
+        text = fmt(value)
+    elif isinstance(value, (list, tuple)):
+        text = "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else ""
+        text = text or ", ".join(str(v) for v in value)
+    elif isinstance(value, bool) or not fmt:
+        text = str(value)
+    else:
+        try:
+            text = format(value, fmt)
+        except (TypeError, ValueError):
+            text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column | str]) -> str:
+    """A GitHub markdown table of ``rows`` with the caller's ``columns`` (missing keys print ``-``).
+
+    Args:
+        rows: dicts, e.g. the ``rows`` of a results file.
+        columns: :class:`Column` objects, or bare keys (header = key, default formatting).
+
+    Returns:
+        The table, one line per row, ending with a newline.
+    """
+    cols = [Column(c) if isinstance(c, str) else c for c in columns]
+    head = "| " + " | ".join(c.header or c.key for c in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_cell(r.get(c.key), c.fmt) for c in cols) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def render_meta(meta: Mapping[str, Any]) -> str:
+    """A short markdown paragraph naming the machine, versions and config of a run."""
+    machine, versions = meta.get("machine", {}), meta.get("versions", {})
+    libs = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    config = ", ".join(f"{k}={v}" for k, v in meta.get("config", {}).items())
+    return (
+        f"Run {meta.get('timestamp', '?')} (commit {str(meta.get('git_commit'))[:10]}) on "
+        f"{machine.get('device_name', '?')}, {machine.get('cpus_usable')} usable CPUs, "
+        f"{machine.get('torch_threads')} torch threads, load {machine.get('load_average')}.\n\n"
+        f"Versions: {libs}.\n\nConfig: {config}.\n"
+    )
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_mb() -> dict[str, float] | None:
+    """VmRSS and VmHWM of this process in MiB, or None without /proc."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0]) / 1024.0  # reported in kB
+    return out if len(out) == 2 else None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's VmHWM to its current RSS; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _maxrss_mb() -> float:
+    """Peak RSS from getrusage (kB on Linux, bytes on macOS), in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+@dataclass
+class MemoryProbe:
+    """Records the peak resident memory of named sections of code in this process."""
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Measure the peak RSS reached inside the ``with`` block (see the module docstring)."""
+        reset = _reset_hwm()
+        before = _proc_status_mb()
+        start_rss = before["VmRSS"] if before else _maxrss_mb()
+        try:
+            yield
+        finally:
+            after = _proc_status_mb()
+            peak = after["VmHWM"] if after else _maxrss_mb()
+            self.sections[name] = {
+                "peak_rss_mb": round(peak, 1),
+                "start_rss_mb": round(start_rss, 1),
+                "peak_delta_mb": round(max(peak - start_rss, 0.0), 1),
+                "hwm_reset": reset,
+                "source": "VmHWM" if after else "ru_maxrss",
+            }
+
+
+@dataclass
+class IsolatedResult:
+    """What a child run returned: its status, value (``None`` unless ok), memory, wall time."""
+
+    status: str  # "ok" | "error" | "timeout" | "died"
+    value: Any = None
+    error: str | None = None
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def _context() -> Any:
+    """A forkserver multiprocessing context whose server has torch imported once."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        _CONTEXT = mp.get_context(method)
+        if method == "forkserver":
+            _CONTEXT.set_forkserver_preload(_PRELOAD)
+    return _CONTEXT
+
+
+def _child_main(conn: Any, target: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Run ``target(probe=..., **kwargs)`` and send back (status, value, error, memory)."""
+    probe = MemoryProbe()
+    try:
+        value = target(probe=probe, **kwargs)
+        conn.send(("ok", value, None, probe.sections))
+    except BaseException:  # report everything, the parent decides
+        conn.send(("error", None, traceback.format_exc(limit=8), probe.sections))
+    finally:
+        conn.close()
+
+
+def run_isolated(
+    target: Callable[..., Any], timeout: float | None = None, **kwargs: Any
+) -> IsolatedResult:
+    """Run ``target(probe=MemoryProbe(), **kwargs)`` in a fresh child process.
+
+    ``target`` must be a module-level function (it is pickled by reference) that wraps the part
+    to measure in ``with probe.section(name):``; its return value must be picklable (plain
+    numbers and dicts are best). The child is terminated after ``timeout`` seconds.
+
+    Returns:
+        The :class:`IsolatedResult`; ``memory`` maps section names to their peaks.
+    """
+    ctx = _context()
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child_main, args=(child_conn, target, kwargs), daemon=True)
+    start = time.perf_counter()
+    process.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(timeout):
+            _stop(process)
+            return IsolatedResult("timeout", error=f"no result after {timeout} s")
+        try:
+            status, value, error, memory = parent_conn.recv()
+        except EOFError:
+            process.join(5)
+            return IsolatedResult("died", error=f"child exited with code {process.exitcode}")
+    finally:
+        parent_conn.close()
+    process.join(30)
+    if process.is_alive():
+        _stop(process)
+    return IsolatedResult(status, value, error, memory, time.perf_counter() - start)
+
+
+def _stop(process: Any) -> None:
+    """Terminate a child this module started, then kill it if it lingers."""
+    process.terminate()
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """``(seconds, fn())`` by ``time.perf_counter``."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return float(numerator) / float(denominator)

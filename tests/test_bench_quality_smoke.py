@@ -1,0 +1,140 @@
+"""Smoke test of benchmarks/bench_quality.py: a --tiny run writes well-formed rows, report and plot.
+
+The data is a tiny ImageFolder generated here (four classes of striped 32x32 images), so the test
+never depends on an installed dataset. Times and F1 values are never asserted, only the structure
+of what was written, and that a second run with the same settings reuses the rows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks import bench_quality as bq  # noqa: E402
+from benchmarks.common import read_results  # noqa: E402
+
+META_KEYS = {"config", "versions", "machine", "timestamp", "resume_key"}
+SPLITS = {"train": 40, "val": 12, "test": 12}
+CLASSES = 4
+
+
+def make_image_folder(root: Path, seed: int = 0) -> Path:
+    """root/{train,val,test}/class_k/*.png: class k has a bright band at height 8k, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in SPLITS.items():
+        for k in range(CLASSES):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.normal(60, 25, size=(32, 32, 3))
+                image[8 * k : 8 * k + 6] += 150
+                pixels = image.clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _finite_numbers(value: Any) -> list[float]:
+    """Every int/float inside a JSON value (bools excluded)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    items = value.values() if isinstance(value, dict) else value
+    return [n for item in items for n in _finite_numbers(item)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    data = make_image_folder(tmp_path_factory.mktemp("folder"))
+    out = tmp_path_factory.mktemp("bench_quality")
+    argv = ["--tiny", "--data", str(data), "--output", str(out)]
+    assert bq.main(argv) == 0
+    return {"argv": argv, "out": out, "result": read_results(out / "quality_tiny.json")}
+
+
+def test_tiny_run_writes_rows_report_and_plot(tiny_run: dict[str, Any]) -> None:
+    result, out = tiny_run["result"], tiny_run["out"]
+    assert META_KEYS <= set(result["meta"]), set(result["meta"])
+    assert result["meta"]["versions"]["torch"]
+    rows = result["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows), [r.get("note") for r in rows]
+    for row in rows:
+        missing = set(bq.ROW_KEYS) - set(row)
+        assert not missing, (row["job"], missing)
+        for key in bq.ROW_KEYS:
+            if key not in ("model", "method", "rank"):
+                assert isinstance(row[key], int | float), (row["job"], key, row[key])
+        assert 0 <= row["f1"] <= 1 and row["macs"] < row["baseline_macs"], row["job"]
+    assert all(math.isfinite(n) for n in _finite_numbers(result))
+    assert {r["method"] for r in rows if r["series"] == bq.SWEEP} == set(bq.METHODS)
+    assert {r["finetune_epochs"] for r in rows} == {0, 1}
+    assert any(r["rank"].startswith("target-macs:") for r in rows)
+    assert {bq.TARGET, bq.RATIO_EQ, bq.VBMF_EQ} <= {r["series"] for r in rows}
+    assert result["baselines"][0]["model"] == "small_cnn"
+    md = (out / "quality_tiny.md").read_text()
+    assert "## Summary" in md and "| small_cnn | sweep | tucker |" in md
+    assert "target-macs vs ratio and weakened vbmf" in md
+    assert (out / "quality_tiny_pareto.png").stat().st_size > 0
+
+
+def test_second_run_reuses_rows(tiny_run: dict[str, Any]) -> None:
+    assert bq.main(tiny_run["argv"]) == 0
+    again = read_results(tiny_run["out"] / "quality_tiny.json")
+    before = {(r["job"], r["finetune_epochs"]): r["seconds"] for r in tiny_run["result"]["rows"]}
+    after = {(r["job"], r["finetune_epochs"]): r["seconds"] for r in again["rows"]}
+    assert before == after  # same rows, not recomputed (a recomputation has other timings)
+
+
+def _row(**fields: Any) -> dict[str, Any]:
+    base = {"model": "resnet18", "status": "ok", "series": bq.SWEEP, "method": "tucker"}
+    base |= {"rank": "ratio:0.25", "finetune_epochs": 1, "baseline_f1": 0.92}
+    base |= {"baseline_val_f1": 0.92}
+    row = base | fields
+    row["f1_drop_points"] = 100 * (row["baseline_f1"] - row["f1"])
+    return row
+
+
+def test_goal_line_chooses_by_validation_and_says_by_how_much() -> None:
+    rows = [
+        _row(macs_reduction=5.0, f1=0.912, val_f1=0.915),  # chosen: best validation F1
+        _row(macs_reduction=4.5, f1=0.919, val_f1=0.905),  # better on test, never chosen
+        _row(macs_reduction=2.0, f1=0.920, val_f1=0.921),
+    ]
+    line = bq.goal_line(rows, "resnet18", 4.0, 0.5)
+    assert "missed** by 0.30 points" in line and "5.00x" in line
+    assert "holds** with 0.70 points to spare" in bq.goal_line(rows, "resnet18", 4.0, 1.5)
+    assert "missed** on MACs" in bq.goal_line(rows, "resnet18", 8.0, 1.5)
+
+
+def test_budget_table_compares_at_equal_macs() -> None:
+    common = {"budget": 0.25, "finetune_epochs": 1, "method": "auto"}
+    rows = [
+        _row(series=bq.TARGET, rank="target-macs:0.25", f1=0.91, macs=1000, **common),
+        _row(series=bq.RATIO_EQ, rank="ratio:0.3", f1=0.90, macs=1010, **common),
+        _row(series=bq.VBMF_EQ, rank="vbmf:0.7", f1=0.915, macs=950, **common),
+    ]
+    (entry,) = bq.budget_table(rows)
+    assert entry["budget"] == "1/4"
+    assert entry["margin_vs_ratio"] == pytest.approx(1.0)
+    assert "loses to vbmf by 0.50 (MACs not matched: -5.0%)" in entry["verdict"]
+    assert "beats both in 0 of 1" in bq.budget_lines([entry])[0]
+
+
+def test_tune_to_macs_bisects_to_the_target() -> None:
+    def make(x: float) -> SimpleNamespace:  # MACs that rise with the parameter, in steps
+        return SimpleNamespace(macs_after=int(1000 * math.ceil(64 * x) / 64))
+
+    found = bq.tune_to_macs(make, 1e-3, 1.0, 400, rising=True, tolerance=0.02, max_iter=16)
+    assert abs(found["deviation"]) <= 0.02 and found["iterations"] <= 16
+    falling = bq.tune_to_macs(
+        lambda x: make(1 - x), 0.0, 1.0, 400, rising=False, tolerance=0.02, max_iter=16
+    )
+    assert abs(falling["deviation"]) <= 0.02
