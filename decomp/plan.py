@@ -551,7 +551,8 @@ def decompose(
     force: bool = False,
     inplace: bool = False,
     progress: Callable[[str], None] | None = None,
+    target_macs: float | int | str | None = None,
 ) -> nn.Module:
     """``apply(model, plan(model, ...))``: a compressed copy of ``model`` (see :func:`plan`)."""
-    p = plan(model, method, rank, input_size, exclude, force)
+    p = plan(model, method, rank, input_size, exclude, force, target_macs)
     return apply(model, p, inplace=inplace, progress=progress)
