@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +47,35 @@ def tiny_net(in_channels: int = 3, width: int = 16, num_classes: int = 10) -> Ti
     """A seeded :class:`TinyNet` (the same weights on every call)."""
     torch.manual_seed(0)
     return TinyNet(in_channels, width, num_classes)
+
+
+DIGIT_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's 8x8 digits 0-3 as an ImageFolder with train/, val/ and test/ splits."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    x, y = load_digits(n_class=DIGIT_CLASSES, return_X_y=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    splits = {"train": order[:160], "val": order[160:200], "test": order[200:240]}
+    for split, idx in splits.items():
+        for i in idx:
+            folder = root / split / str(y[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (x[i].reshape(8, 8) * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads spin against each other and
+    make these tiny convolutions 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,40 +4,16 @@ calibration, finetune, evaluate."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 import decomp
 from decomp.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """scikit-learn's 8x8 digits 0-3 as an ImageFolder with train/ and val/."""
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    x, y = load_digits(n_class=4, return_X_y=True)
-    for split, idx in {"train": range(0, 200), "val": range(200, 260)}.items():
-        for i in idx:
-            folder = root / split / str(y[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (x[i].reshape(8, 8) * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
-    return root
 
 
 def run(*args: str):

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
 
 from decomp import pipeline
 from decomp.checkpoint import load
 from decomp.data import load_data
 from decomp.metrics import competition_score, count_params
-from tests.conftest import tiny_net
+from tests.conftest import DIGIT_CLASSES, tiny_net
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = (1, 16, 16)
-CLASSES = 4
+CLASSES = DIGIT_CLASSES
 ENTRY_KEYS = {
     "f1",
     "accuracy",
@@ -32,35 +33,6 @@ ENTRY_KEYS = {
     "competition_score",
     "latency",
 }
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """scikit-learn's 8x8 digits 0-3 as an ImageFolder with train/, val/ and test/ splits."""
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    x, y = load_digits(n_class=CLASSES, return_X_y=True)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(y))
-    splits = {"train": order[:160], "val": order[160:200], "test": order[200:240]}
-    for split, idx in splits.items():
-        for i in idx:
-            folder = root / split / str(y[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (x[i].reshape(8, 8) * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin against each other and
-    make these tiny convolutions 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
