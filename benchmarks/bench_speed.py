@@ -11,7 +11,7 @@ measurement (so each peak memory is its own, see :mod:`benchmarks.common`):
   estimate beside thop's count.
 - Inference latency (``decomp.metrics.measure_latency``) of the original and the compressed model,
   measured back to back in the same child, at each batch size; the speed-up and
-  ``latency_speedup / macs_reduction`` (goal >= 0.75).
+  ``latency_efficiency_b<B> = latency_speedup_b<B> / macs_reduction`` (goal >= 0.75).
 - Every factorized layer timed alone against its dense original on the input shape it sees in
   the model; the ones slower than dense are listed.
 - Tucker: the same layers at the same ranks through decomp, tensorly ``partial_tucker``,
@@ -25,6 +25,7 @@ Writes ``speed.json``, ``speed.md`` and ``speed_latency_vs_macs.png`` (``speed_t
     python -m benchmarks.bench_speed                       # all models and methods (long)
     python -m benchmarks.bench_speed --models resnet18 --methods tucker svd
     python -m benchmarks.bench_speed --tiny                # a tiny in-file CNN, well under a minute
+    python -m benchmarks.bench_speed --threads 1           # on a machine shared with other jobs
 """
 
 from __future__ import annotations
