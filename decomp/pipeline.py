@@ -543,6 +543,7 @@ def finetune(
     device: str | torch.device | None = None,
     progress: bool = False,
     evaluate_test: bool = True,
+    extra: Mapping[str, Any] | None = None,
     **train_options: Any,
 ) -> TrainingOutcome:
     """Fine-tune a (compressed) model from its current weights, optionally distilling a teacher.
@@ -572,6 +573,7 @@ def finetune(
         device: default CUDA when available, else the CPU.
         progress: show rich progress bars.
         evaluate_test: evaluate the kept weights on the test split (or validation if none).
+        extra: more plain data for the saved file (e.g. ``{"bn_calibrated": True}``).
         **train_options: further :class:`decomp.train.TrainConfig` fields (``optimizer``,
             ``kd_alpha``, ``kd_temperature``, ``weight_decay``, ``warmup_epochs``, ...).
 
@@ -591,8 +593,8 @@ def finetune(
     logger.info("fine-tuning for %d epochs %s, lr %g", epochs, kind, lr)
     outcome = _run_training(model, bundle, config, teacher, device, progress, evaluate_test)
     if output is not None and _is_main_process():
-        extra = {"finetune": {**_training_record(outcome), "config": config.to_dict()}}
-        outcome.path = _save(outcome.model, output, None, bundle, extra)
+        record = {"finetune": {**_training_record(outcome), "config": config.to_dict()}}
+        outcome.path = _save(outcome.model, output, None, bundle, {**(extra or {}), **record})
         Path(config.checkpoint_path).unlink(missing_ok=True)
     return outcome
 

@@ -62,6 +62,8 @@ def test_evaluate_reports_everything_and_leaves_the_model_alone(digits):
     assert plain["competition_score"] == competition_score(
         plain["macs_competition"], plain["f1"], baseline_f1=0.5
     )
+    from_spec = pipeline.evaluate(model, str(digits), SIZE, latency=False)
+    assert from_spec["f1"] == m["f1"] and from_spec["split"] == "test"
 
 
 def test_evaluate_needs_an_input_size_for_a_bare_loader(digits):
@@ -163,7 +165,9 @@ def test_finetune_from_a_file_starts_from_its_weights(digits, tmp_path):
         batch_size=32,
         workers=0,
         evaluate_test=False,
+        extra={"bn_calibrated": True},
     )
     assert outcome.history[0]["val_f1"] == start and outcome.path == str(out)
     assert (tmp_path / "tuned.pt.log.jsonl").exists() and not (tmp_path / "tuned.pt.ckpt").exists()
-    assert load(out)._decomp_meta["extra"]["finetune"]["best_epoch"] == outcome.best_epoch
+    saved = load(out)._decomp_meta["extra"]
+    assert saved["finetune"]["best_epoch"] == outcome.best_epoch and saved["bn_calibrated"]
