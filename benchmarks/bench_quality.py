@@ -1,14 +1,17 @@
 """What decomposition costs in macro F1 for what it saves in MACs, on baselines trained by decomp.
 
-For each model (torchvision resnet18 and mobilenet_v2, trained from scratch on Fashion-MNIST at
-3x32x32 with the recipe of :func:`decomp.pipeline.train_baseline`, cached on disk):
+For each model (torchvision resnet18 and shufflenet_v2_x0_5, trained from scratch on
+Fashion-MNIST at 3x32x32 with the recipe of :func:`decomp.pipeline.train_baseline`, cached on
+disk):
 
 - a sweep of method (tucker, cp, svd, auto) x rank strategy (vbmf, vbmf:0.6, ratio:0.25,
   ratio:0.125, energy:0.9);
 - budgeted rows, ``rank = target-macs:X`` with method auto, for X = 1/4, 1/8, 1/16 of the
-  baseline's MACs; beside each, a uniform ``ratio:F`` row and a weakened ``vbmf:WF`` row (method
-  auto too) whose F or WF is found by bisection on :func:`decomp.plan.plan`'s MACs alone (no
-  factorization, no data) so that their MACs equal the budgeted row's within 2 %;
+  baseline's MACs from the spectra alone, and the same with each layer's measured output
+  damage weighting its error (``target-macs+importance``); beside them, a uniform ``ratio:F``
+  row and a weakened ``vbmf:WF`` row (method auto too) whose F or WF is found by bisection on
+  :func:`decomp.plan.plan`'s MACs alone (no factorization, no data) so that their MACs equal
+  the target-macs row's within 2 %;
 - each decomposition then goes through batch-norm re-estimation (:func:`decomp.train.calibrate`,
   30 training batches, no gradient step) and every fine-tuning budget (0 and 1 epochs by default;
   distillation from the baseline, :func:`decomp.pipeline.finetune`). Fine-tuning keeps the epoch
@@ -62,6 +65,7 @@ from benchmarks.common import (  # noqa: E402
     read_results,
     render_meta,
     render_table,
+    shown_path,
     write_results,
     write_text,
 )
@@ -72,15 +76,20 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_ARCHS = {
     "resnet18": "torchvision.models:resnet18",
     "mobilenet_v2": "torchvision.models:mobilenet_v2",
+    "shufflenet_v2_x0_5": "torchvision.models:shufflenet_v2_x0_5",
     "shufflenet_v2_x1_0": "torchvision.models:shufflenet_v2_x1_0",
     "small_cnn": "benchmarks.bench_quality:SmallNet",
 }
-MODELS = ("resnet18", "mobilenet_v2")
+MODELS = ("resnet18", "shufflenet_v2_x0_5")
+BASELINE_EPOCHS = 12
+"""The demo's recipe length when the bench was run (kept fixed here, so the rows stay reusable)."""
 TINY_MODELS = ("small_cnn",)
 METHODS = ("tucker", "cp", "svd", "auto")
 RANKS = ("vbmf", "vbmf:0.6", "ratio:0.25", "ratio:0.125", "energy:0.9")
 BUDGETS = (1 / 4, 1 / 8, 1 / 16)
 BUDGET_METHOD = "auto"
+IMPORTANCE_BATCHES = 4
+"""Training batches on which the budgeted rows measure layer importance (decomp.importance)."""
 FINETUNE_EPOCHS = (0, 1)
 GOAL_MODEL = "resnet18"
 GOALS = ((4.0, 0.5), (8.0, 1.5))
@@ -88,9 +97,10 @@ GOALS = ((4.0, 0.5), (8.0, 1.5))
 
 SWEEP = "sweep"
 TARGET = "target-macs"
+WEIGHTED = "target-macs+importance"
 RATIO_EQ = "ratio@equal-macs"
 VBMF_EQ = "vbmf@equal-macs"
-SERIES = (SWEEP, TARGET, RATIO_EQ, VBMF_EQ)
+SERIES = (SWEEP, TARGET, WEIGHTED, RATIO_EQ, VBMF_EQ)
 
 ROW_KEYS = (
     "model",
@@ -234,7 +244,7 @@ def jobs_for(config: Config, model: str) -> list[Job]:
     """The sweep, then for each budget: target-macs, ratio and weakened vbmf at equal MACs."""
     jobs = [Job(model, SWEEP, m, spec=r) for m in config.methods for r in config.ranks]
     for budget in config.budgets:
-        jobs += [Job(model, s, BUDGET_METHOD, budget=budget) for s in (TARGET, RATIO_EQ, VBMF_EQ)]
+        jobs += [Job(model, s, BUDGET_METHOD, budget=budget) for s in SERIES[1:]]
     return jobs
 
 
@@ -296,10 +306,11 @@ def get_baseline(config: Config, model: str, bundle: Any, device: torch.device) 
         )
         found = pipeline._cached_baseline(Path(config.demo_baseline), key, retrain=False)
         if found is not None:
-            return found.to(device), f"reused {config.demo_baseline} (the demo's; same settings)"
+            where = shown_path(config.demo_baseline)
+            return found.to(device), f"reused {where} (the demo's; same settings)"
     cfg = _demo_config(config, model, Path(config.cache_dir) / model)
     net, reused = pipeline._baseline(cfg, bundle, device)
-    where = Path(cfg.output_dir) / "baseline.pt"
+    where = shown_path(Path(cfg.output_dir) / "baseline.pt")
     return net, f"{'reused' if reused else 'trained'} {where}"
 
 
@@ -403,7 +414,7 @@ def _target_plan(ctx: ModelContext, budget: float) -> Any:
 
     if budget not in ctx.target_plans:
         ctx.target_plans[budget] = plan(
-            ctx.baseline, BUDGET_METHOD, "vbmf", ctx.config.input_size, target_macs=budget
+            ctx.baseline, BUDGET_METHOD, input_size=ctx.config.input_size, target_macs=budget
         )
     return ctx.target_plans[budget]
 
@@ -418,6 +429,16 @@ def plan_job(ctx: ModelContext, job: Job) -> tuple[Any, dict[str, Any]]:
     target = _target_plan(ctx, job.budget)
     if job.series == TARGET:
         return target, {}
+    if job.series == WEIGHTED:
+        weighted = plan(
+            ctx.baseline,
+            BUDGET_METHOD,
+            input_size=size,
+            target_macs=job.budget,
+            data=ctx.bundle.train_loader,
+            importance_batches=IMPORTANCE_BATCHES,
+        )
+        return weighted, {}
     family, lo, rising = ("ratio", 1e-3, True) if job.series == RATIO_EQ else ("vbmf", 0.0, False)
     start = time.perf_counter()
     found = tune_to_macs(
@@ -641,8 +662,11 @@ class Runner:
         self.baselines = {b["model"]: b for b in old.get("baselines", [])}
 
     def write(self) -> None:
+        config = dataclasses.asdict(self.config)
+        for key in ("cache_dir", "demo_baseline"):
+            config[key] = config[key] and shown_path(config[key])
         meta = make_meta(
-            dataclasses.asdict(self.config),
+            config,
             resume_key=self.key,
             goals={"model": GOAL_MODEL, "reduction_and_points": [list(g) for g in GOALS]},
             score_constants=_score_constants(),
@@ -691,8 +715,11 @@ def _notes(config: Config) -> list[str]:
         f"decomp.pipeline.finetune, distillation from the baseline, SGD, cosine, lr "
         f"{config.finetune_lr:g}; the best validation epoch is kept (epoch 0 = calibrated).",
         f"Budgeted rows (method {BUDGET_METHOD}): target-macs:X through decomp.plan's "
-        "target_macs; the ratio:F and vbmf:WF rows beside them have F / WF bisected on "
-        f"plan() MACs to within {config.match_tolerance:.0%} of the target-macs row's MACs.",
+        "target_macs from the spectra alone; target-macs+importance also passes "
+        f"{IMPORTANCE_BATCHES} training batches as data, so that each layer's error is weighted "
+        "by its measured output damage (decomp.importance); the ratio:F and vbmf:WF rows "
+        "beside them have F / WF bisected on plan() MACs to within "
+        f"{config.match_tolerance:.0%} of the target-macs row's MACs.",
         f"CP: planned layers are factorized in model order until {config.cp_budget_s:g} s "
         "have passed per decomposition; the rest stay dense and the row says so.",
         "Latency: decomp.metrics.measure_latency, median of "
@@ -772,7 +799,7 @@ def budget_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "target_f1": target["f1"],
             "target_macs": target["macs"],
         }
-        for series, name in ((RATIO_EQ, "ratio"), (VBMF_EQ, "vbmf")):
+        for series, name in ((WEIGHTED, "weighted"), (RATIO_EQ, "ratio"), (VBMF_EQ, "vbmf")):
             other = index.get((model, series, budget, epochs))
             if other is None:
                 continue
@@ -861,6 +888,8 @@ BUDGET_COLUMNS = [
     Column("finetune_epochs", "FT ep", "d"),
     Column("target_macs", "target-macs MACs", ",d"),
     Column("target_f1", "target-macs F1", ".4f"),
+    Column("weighted_f1", "+importance F1", ".4f"),
+    Column("weighted_macs_dev", "+importance MACs vs target", _pct),
     Column("ratio_rank", "ratio"),
     Column("ratio_macs_dev", "ratio MACs vs target", _pct),
     Column("ratio_f1", "ratio F1", ".4f"),
@@ -949,6 +978,7 @@ MARKERS = {
     "ratio": "s",
     "energy": "D",
     TARGET: "*",
+    WEIGHTED: "p",
     RATIO_EQ: "P",
     VBMF_EQ: "X",
 }
@@ -970,7 +1000,7 @@ def _plot_model(ax: Any, rows: Sequence[Mapping[str, Any]], base: Mapping[str, A
             label=f"{r['method']} {_family(r)}"
             + ("" if filled else f" ({r['finetune_epochs']} ep)"),
         )
-    for series, style in ((TARGET, "-"), (RATIO_EQ, "--"), (VBMF_EQ, ":")):
+    for series, style in ((TARGET, "-"), (WEIGHTED, "-."), (RATIO_EQ, "--"), (VBMF_EQ, ":")):
         line = sorted((r for r in rows if r["series"] == series and r["finetune_epochs"] == top),
                       key=lambda r: r["macs"])  # fmt: skip
         if line:
@@ -1023,7 +1053,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budgets", type=float, nargs="*", default=None, help="MACs fractions (0.25 0.125 0.0625)"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="baseline epochs (the demo's)")
+    parser.add_argument("--epochs", type=int, default=None, help="baseline epochs (12)")
     parser.add_argument("--finetune-epochs", type=int, nargs="+", default=None, help="0 1")
     parser.add_argument("--data", default=None, help="fashion-mnist[:DIR] or an ImageFolder")
     parser.add_argument("--train-subset", type=int, default=None, help="train images (all)")
@@ -1039,7 +1069,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    from decomp.pipeline import DEMO_EPOCHS, DEMO_FINETUNE_LR
+    from decomp.pipeline import DEMO_FINETUNE_LR
 
     tiny = args.tiny
     cache = args.cache or REPO / "runs" / "bench"
@@ -1057,7 +1087,7 @@ def make_config(args: argparse.Namespace) -> Config:
         finetune_epochs=sorted(set(pick(args.finetune_epochs, FINETUNE_EPOCHS, FINETUNE_EPOCHS))),
         data=args.data or "fashion-mnist",
         input_size=[3, 32, 32],
-        epochs=pick(args.epochs, 2, DEMO_EPOCHS),
+        epochs=pick(args.epochs, 2, BASELINE_EPOCHS),
         batch_size=16 if tiny else 128,
         lr=0.05 if tiny else 0.1,
         finetune_lr=DEMO_FINETUNE_LR,

@@ -42,7 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
 """Where the scripts write by default (``--output`` overrides)."""
 
 _PRELOAD = ["torch", "torchvision", "numpy", "tensorly", "decomp.metrics", "decomp._tensorly"]
@@ -121,6 +122,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the repository when it names something inside it, else as given:
+    results name no folder of the machine that wrote them."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def make_meta(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """The ``meta`` block: config, versions, machine, UTC timestamp, git commit, command line."""
     return {
@@ -129,7 +137,7 @@ def make_meta(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         "machine": machine_info(),
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "argv": list(sys.argv),
+        "argv": [shown_path(a) for a in sys.argv],
         **extra,
     }
 

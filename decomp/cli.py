@@ -348,8 +348,17 @@ class _Job:
     json_output: bool
     size: list[int] = field(default_factory=list)
     macs_before: int | None = None  # known when the plan was made here, else measured
-    data: str | None = None  # calibrate batch norm on this data after decomposing
+    data: str | None = None  # calibrate batch norm (and weight a MACs budget) on this data
     batches: int = 30
+    _loader: Any = None
+
+    def loader(self) -> Any:
+        """The training loader of ``data``, loaded once."""
+        if self._loader is None:
+            from decomp.data import load_data
+
+            self._loader = load_data(self.data, tuple(self.size)).train_loader
+        return self._loader
 
 
 def _read_plan_file(path: Path) -> Plan:
@@ -382,10 +391,12 @@ def _make_plan(
     exclude: list[str],
     force: bool,
     target_macs: str | None = None,
+    data: Any = None,
 ) -> Plan:
-    with _status("planning"):
+    with _status("planning" if data is None else "measuring layer importance and planning"):
         return _forward_hint(
-            lambda: plan(model, method, rank, input_size, exclude, force, target_macs), input_size
+            lambda: plan(model, method, rank, input_size, exclude, force, target_macs, data),
+            input_size,
         )
 
 
@@ -463,6 +474,15 @@ def decompose_command(
             "(5M, 5000000). Ranks are allocated across layers; --rank is not used.",
         ),
     ] = None,
+    weigh_layers: Annotated[
+        bool,
+        typer.Option(
+            "--weigh-layers",
+            help="With --target-macs and --data: weight each layer's estimated error by the "
+            "output damage measured on 4 training batches (slower; see the README for how it "
+            "compares).",
+        ),
+    ] = False,
     data: DataOpt = None,
     calibrate_batches: Annotated[
         int,
@@ -486,6 +506,8 @@ def decompose_command(
             fixed = _read_plan_file(plan_file)
         else:
             parse_rank_spec(rank or DEFAULT_RANK)
+        if weigh_layers and not (target_macs and data):
+            raise ValueError("--weigh-layers needs --target-macs and --data")
         checkpoint.check_input_path(model)
         name = fixed.method if fixed else (method or Method.tucker).value
         job = _Job(model, None, dry_run, json_output, data=data, batches=calibrate_batches)
@@ -500,7 +522,8 @@ def decompose_command(
         else:
             job.size = _input_size(size, net, model)
             spec = rank or DEFAULT_RANK
-            p = _make_plan(net, name, spec, job.size, exclude or [], force, target_macs)
+            weigh = job.loader() if weigh_layers else None
+            p = _make_plan(net, name, spec, job.size, exclude or [], force, target_macs, weigh)
             job.macs_before = p.model_macs
         _run_job(net, p, job)
 
@@ -535,7 +558,7 @@ def _decompose_and_save(net: nn.Module, p: Plan, job: _Job) -> None:
     before = job.macs_before if job.macs_before is not None else count_macs(net, size)
     after = _forward_hint(lambda: count_macs(compressed, size), size)
     params = (count_params(net), count_params(compressed))
-    calibrated = _calibrate(compressed, job.data, size, job.batches)
+    calibrated = _calibrate(compressed, job)
     extra = {
         "decompose": {"method": p.method, "rank": p.rank, "input_size": size},
         "bn_calibrated": calibrated,
@@ -550,18 +573,17 @@ def _decompose_and_save(net: nn.Module, p: Plan, job: _Job) -> None:
     _say(f"wrote {job.target} ({_size_mb(job.target)}) in {seconds:.1f} s")
 
 
-def _calibrate(model: nn.Module, data: str | None, size: Sequence[int], batches: int) -> bool:
-    """Re-estimate batch-norm statistics on ``data`` (no training); whether it was done."""
-    if data is None or batches == 0:
+def _calibrate(model: nn.Module, job: _Job) -> bool:
+    """Re-estimate batch-norm statistics on the job's data (no training); whether it was done."""
+    if job.data is None or job.batches == 0:
         return False
-    from decomp.data import load_data
     from decomp.train import calibrate
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         _say("no batch-norm layers: nothing to calibrate")
         return False
-    with _status(f"calibrating batch norm on {batches} batches of {data}"):
-        calibrate(model, load_data(data, tuple(size)).train_loader, batches=batches)
+    with _status(f"calibrating batch norm on {job.batches} batches of {job.data}"):
+        calibrate(model, job.loader(), batches=job.batches)
     return True
 
 
@@ -856,7 +878,7 @@ def finetune_command(
     """Fine-tune a (decomposed) model from its own weights; distil from --teacher if given."""
     from decomp.data import load_data
     from decomp.pipeline import finetune
-    from decomp.train import calibrate
+    from decomp.train import calibrate, setup_distributed
 
     with _command(verbose):
         checkpoint.check_input_path(model)
@@ -865,10 +887,13 @@ def finetune_command(
         net = _load(model, arch, arch_kwargs, trust_pickle)
         size = _input_size(None, net, model)
         teacher_net = None if teacher is None else _load(teacher, None, None, trust_pickle)
+        setup_distributed()  # under torchrun: before the loaders, so they shard the data
         bundle = load_data(data, tuple(size))
         meta = getattr(net, checkpoint.META_ATTR, None) or {}
+        extra = None
         if calibrate_batches and not (meta.get("extra") or {}).get("bn_calibrated"):
             calibrate(net, bundle.train_loader, batches=calibrate_batches)
+            extra = {"bn_calibrated": True, "calibration_batches": calibrate_batches}
         outcome = finetune(
             net,
             bundle,
@@ -877,6 +902,7 @@ def finetune_command(
             output=target,
             resume=resume,
             progress=not json_output,
+            extra=extra,
         )
         _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
 

@@ -30,7 +30,7 @@ from decomp.factorize import (
     svd,
     tucker2,
 )
-from decomp.factorize.base import singular_values
+from decomp.factorize.base import gram_eigh, singular_values
 from rank_selection import RankSpec, parse_rank_spec
 from rank_selection.budget import BudgetLayer, allocate
 
@@ -62,6 +62,10 @@ class LayerPlan:
     params_after: int = 0
     reason: str = ""
     aliases: list[str] = field(default_factory=list)
+    importance: float | None = None
+    """The weight a MACs budget with data gave this layer's error: measured output damage per
+    unit of estimated error, relative to the mean over the eligible layers (see
+    :mod:`decomp.importance`); None without data."""
 
 
 @dataclass
@@ -322,57 +326,131 @@ def parse_macs_target(target: float | int | str, model_macs: int) -> int:
     )
 
 
-def _mode_tails(matrix: torch.Tensor) -> np.ndarray:
-    """tails[r] = share of the squared singular values beyond the first r, r = 0..len."""
-    energy = singular_values(matrix).pow(2).cpu().numpy()
+@dataclass
+class _Mode:
+    """The spectrum of one unfolding (channels x rest): tails[r] = share of the energy beyond
+    the first r singular values (r = 0..channels), and the leading left singular vectors."""
+
+    tails: np.ndarray
+    basis: Callable[[int], torch.Tensor]
+
+
+def _mode(matrix: torch.Tensor) -> _Mode:
+    values, vectors, left = gram_eigh(matrix)
+    energy = np.zeros(matrix.shape[0])
+    energy[: len(values)] = values.cpu().numpy()
     total = energy.sum() or 1.0
-    return np.concatenate([[total], total - np.cumsum(energy)]).clip(min=0) / total
+    tails = np.concatenate([[total], total - np.cumsum(energy)]).clip(min=0) / total
+
+    def basis(rank: int) -> torch.Tensor:
+        v = vectors[:, :rank]
+        if left:
+            return v
+        u = matrix.to(v.dtype) @ v  # left vectors from right ones: A v_i = s_i u_i
+        return u / u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
+
+    return _Mode(tails, basis)
 
 
 GRID = 64  # a Tucker-2 layer's budget ranks move along (ceil(k/64 Cout), ceil(k/64 Cin))
+PROBES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+"""Fractions of a layer's grid at which a budget with data measures the output damage."""
 
 
-def _budget_entry(lp: LayerPlan, module: nn.Module, method: str, layer_calls: list[_Call]):
-    """One layer's error-versus-MACs curve for the allocator, and its grid-step -> ranks map."""
+@dataclass
+class _Curve:
+    """One eligible layer's options for the allocator: grid step k (1..steps) -> ranks, and the
+    estimated relative squared error there (exact for SVD by Eckart-Young, the HOSVD bound, the
+    two dropped shares added, for Tucker-2). ``scale`` maps k to a measured weight (damage per
+    unit of estimated error); 1 without data."""
+
+    lp: LayerPlan
+    module: nn.Module
+    method: str
+    modes: list[_Mode]
+    steps: int
+    scale: Callable[[int], float] = lambda k: 1.0
+
+    def ranks(self, k: int) -> list[int]:
+        if self.method == "svd":
+            return [k]
+        return [max(1, -(-k * (len(m.tails) - 1) // self.steps)) for m in self.modes]
+
+    def spectral_error(self, k: int) -> float:
+        return float(sum(m.tails[r] for m, r in zip(self.modes, self.ranks(k), strict=True)))
+
+    def error(self, k: tuple[int]) -> float:
+        return self.scale(k[0]) * self.spectral_error(k[0])
+
+    def projection(self, k: int) -> torch.Tensor:
+        """The kernel projected on the leading singular vectors of each mode at step k."""
+        weight = self.module.weight.detach()
+        ranks = self.ranks(k)
+        out = self.modes[0].basis(ranks[0])
+        w = weight.reshape(weight.shape[0], -1).to(out.dtype)
+        w = out @ (out.T @ w)
+        if self.method != "svd":
+            inp = self.modes[1].basis(ranks[1])
+            w = torch.einsum("ij,ojs->ois", inp @ inp.T, w.reshape(*weight.shape[:2], -1))
+        return w.reshape(weight.shape).to(weight.dtype)
+
+
+def _curve(lp: LayerPlan, module: nn.Module, method: str) -> _Curve:
     weight = module.weight.detach()
     if method == "svd":
-        tails = [_mode_tails(weight.reshape(weight.shape[0], -1))]
-        steps = len(tails[0]) - 1
-
-        def ranks_at(k: int) -> list[int]:
-            return [k]
+        modes = [_mode(weight.reshape(weight.shape[0], -1))]
+        steps = min(weight.shape[0], _numel(weight.shape[1:]))
     else:
-        tails = [_mode_tails(m) for m in _unfoldings(weight)]
-        dims = [len(t) - 1 for t in tails]
-        steps = min(GRID, max(dims))
-
-        def ranks_at(k: int) -> list[int]:
-            return [max(1, -(-k * d // steps)) for d in dims]
-
-    def error(k: tuple[int]) -> float:
-        return float(sum(t[r] for t, r in zip(tails, ranks_at(k[0]), strict=True)))
-
-    def cost(k: tuple[int]) -> int:
-        return _costs_after(module, method, ranks_at(k[0]), layer_calls)[0]
-
-    step = (max(1, steps // GRID),)
-    return BudgetLayer(lp.name, (steps,), cost, error, lp.macs_before, steps=step), ranks_at
+        modes = [_mode(m) for m in _unfoldings(weight)]
+        steps = min(GRID, max(len(m.tails) - 1 for m in modes))
+    return _Curve(lp, module, method, modes, steps)
 
 
-def _budget_ranks(eligible: list, calls: dict, budget: int, model_macs: int) -> list:
+def _budget_ranks(curves: list[_Curve], calls: dict, budget: int, model_macs: int) -> list:
     """Ranks for the eligible layers that fit ``budget`` MACs with the least estimated error.
 
     The error of a layer is estimated from the spectra of its unfoldings (cheap: one Gram
-    eigendecomposition per mode): for SVD at rank r it is the dropped share of the squared
-    singular values, exactly (Eckart-Young); for Tucker-2 it is the HOSVD bound, the dropped
-    shares of both channel unfoldings added. Tucker-2 ranks move together along a grid of
-    fractions of (Cout, Cin), so that each layer has one convex error-versus-MACs curve, the
-    shape a greedy marginal allocation needs.
+    eigendecomposition per mode), times its measured scale when data was given. Tucker-2 ranks
+    move together along a grid of fractions of (Cout, Cin), so that each layer has one
+    error-versus-MACs curve, the shape a greedy marginal allocation needs.
     """
-    entries = [_budget_entry(lp, m, method, calls[m]) for lp, m, method in eligible]
-    fixed = model_macs - sum(lp.macs_before for lp, _, _ in eligible)
-    chosen = allocate([e for e, _ in entries], budget, fixed_cost=fixed)
-    return [None if k is None else f(k[0]) for (_, f), k in zip(entries, chosen, strict=True)]
+    entries = []
+    for c in curves:
+
+        def cost(k: tuple[int], c: _Curve = c) -> int:
+            return _costs_after(c.module, c.method, c.ranks(k[0]), calls[c.module])[0]
+
+        step = (max(1, c.steps // GRID),)
+        entries.append(
+            BudgetLayer(c.lp.name, (c.steps,), cost, c.error, c.lp.macs_before, steps=step)
+        )
+    fixed = model_macs - sum(c.lp.macs_before for c in curves)
+    chosen = allocate(entries, budget, fixed_cost=fixed)
+    return [None if k is None else c.ranks(k[0]) for c, k in zip(curves, chosen, strict=True)]
+
+
+def _measure(model: nn.Module, curves: list[_Curve], data: Iterable, batches: int) -> None:
+    """Give every curve a measured scale: at the grid points of :data:`PROBES` its kernel alone
+    is replaced by the projection there and the output damage is measured (see
+    :mod:`decomp.importance`); the scale is damage / estimated error, relative to the mean over
+    all probes, interpolated linearly in k between probes and held beyond them. A probe that
+    changes nothing leaves the mean; no scale falls below 1e-3 of it."""
+    from decomp.importance import output_damage
+
+    points = [sorted({max(1, round(f * c.steps)) for f in PROBES}) for c in curves]
+    layers = [c.module for c, ks in zip(curves, points, strict=True) for _ in ks]
+    probes = [c.projection(k) for c, ks in zip(curves, points, strict=True) for k in ks]
+    damage = iter(output_damage(model, layers, probes, data, batches))
+    ratios = []
+    for c, ks in zip(curves, points, strict=True):
+        errors = [c.spectral_error(k) for k in ks]
+        ratios.append([next(damage) / e if e > 0 else None for e in errors])
+    measured = [r for rs in ratios for r in rs if r is not None]
+    mean = sum(measured) / len(measured) if measured and sum(measured) > 0 else 1.0
+    for c, ks, rs in zip(curves, points, ratios, strict=True):
+        values = [1.0 if r is None else max(r / mean, 1e-3) for r in rs]
+        c.scale = lambda k, ks=ks, vs=values: float(np.interp(k, ks, vs))
+        c.lp.importance = float(np.mean(values))
 
 
 def _targets(model: nn.Module) -> dict[nn.Module, list[str]]:
@@ -401,6 +479,8 @@ def plan(
     exclude: Iterable[str] = (),
     force: bool = False,
     target_macs: float | int | str | None = None,
+    data: Iterable | None = None,
+    importance_batches: int = 4,
 ) -> Plan:
     """Decide, per layer and without changing ``model``, how it is factorized.
 
@@ -414,6 +494,11 @@ def plan(
         target_macs: a MACs budget for the whole model: a fraction of its MACs (0.25), or a
             count (5_000_000, "5M"). Ranks are then allocated across layers by
             :func:`rank_selection.budget.allocate` and ``rank`` is not used.
+        data: with ``target_macs``, batches (images, or ``(images, labels)``) on which each
+            layer's output damage per unit of estimated error is measured
+            (:mod:`decomp.importance`) and used to weight its error; without data every layer
+            weighs the same.
+        importance_batches: how many batches of ``data`` to use.
 
     Returns:
         The Plan; layers that are left alone carry the reason.
@@ -451,7 +536,10 @@ def plan(
         source = str(spec)
     else:
         budget = parse_macs_target(target_macs, model_macs)
-        ranks = _budget_ranks(eligible, calls, budget, model_macs)
+        curves = [_curve(lp, m, method) for lp, m, method in eligible]
+        if data is not None and curves:
+            _measure(model, curves, data, importance_batches)
+        ranks = _budget_ranks(curves, calls, budget, model_macs)
         source = f"target-macs:{target_macs}"
     for (lp, module, chosen), r in zip(eligible, ranks, strict=True):
         if r is None:
@@ -552,7 +640,9 @@ def decompose(
     inplace: bool = False,
     progress: Callable[[str], None] | None = None,
     target_macs: float | int | str | None = None,
+    data: Iterable | None = None,
+    importance_batches: int = 4,
 ) -> nn.Module:
     """``apply(model, plan(model, ...))``: a compressed copy of ``model`` (see :func:`plan`)."""
-    p = plan(model, method, rank, input_size, exclude, force, target_macs)
+    p = plan(model, method, rank, input_size, exclude, force, target_macs, data, importance_batches)
     return apply(model, p, inplace=inplace, progress=progress)

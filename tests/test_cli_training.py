@@ -69,9 +69,23 @@ def test_decompose_with_budget_and_calibration(trained, digits, tmp_path):
     after = decomp.count_macs(small, (3, 16, 16))
     assert 0.95 * 0.5 * before <= after <= 0.5 * before
     assert torch.load(out, weights_only=True)["extra"]["bn_calibrated"] is True
+    layers = decomp.applied_plans(small)[-1]["layers"]
+    assert all(lp["importance"] is None for lp in layers)  # spectra only unless asked
     assert not torch.equal(  # calibration moved the batch-norm statistics
         base.stem[1].running_mean, small.stem[1].running_mean
     )
+
+
+def test_decompose_with_measured_layer_weights(trained, digits, tmp_path):
+    out = tmp_path / "weighed.pt"
+    args = ["decompose", trained, "--method", "auto", "--target-macs", "0.5", "--weigh-layers"]
+    result = run(*args, "--output", out)
+    assert result.exit_code == 1 and not out.exists()
+    assert "--weigh-layers needs --target-macs and --data" in result.output
+    result = run(*args, "--data", digits, "--output", out, "--json")
+    assert result.exit_code == 0, result.output
+    layers = decomp.applied_plans(decomp.load(out))[-1]["layers"]
+    assert any(lp["importance"] is not None for lp in layers)
 
 
 def test_finetune_and_evaluate(trained, digits, tmp_path):
@@ -92,6 +106,8 @@ def test_finetune_and_evaluate(trained, digits, tmp_path):
         "--json",
     )
     assert result.exit_code == 0, result.output
+    extra = torch.load(tuned, weights_only=True)["extra"]
+    assert extra["bn_calibrated"] is True and extra["calibration_batches"] == 30
     result = run("evaluate", tuned, "--data", digits, "--no-latency", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
