@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-smoke clean
+.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-smoke report clean
 
 install: $(STAMP)
 
@@ -38,6 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/decomp demo
 
 bench: bench-tucker bench-speed bench-quality
+	$(MAKE) report
 
 bench-tucker: $(STAMP)
 	$(PY) -m benchmarks.bench_tucker
@@ -47,6 +48,9 @@ bench-speed: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.bench_quality
+
+report: $(STAMP)
+	$(PY) -m benchmarks.report
 
 bench-smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_bench_speed_smoke.py tests/test_bench_quality_smoke.py

@@ -337,10 +337,9 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_markdown(result: dict[str, Any]) -> str:
-    """The report, rendered from a results dict (as read back from the JSON)."""
-    s = result["summary"]
-    verdict = (
+def verdict_line(s: dict[str, Any]) -> str:
+    """The one-sentence verdict of a ``summary`` block: speed-ups, error check, target met."""
+    return (
         f"decomp is {_fmt(s['speedup_vs_tensorly'], '.2f')}x faster than tensorly and "
         f"{_fmt(s['speedup_vs_tltorch'], '.2f')}x faster than tltorch over {s['n_layers']} layers, "
         f"{_fmt(s['decomp_vs_floor'], '.2f')}x the HOSVD floor; per-layer error no worse than "
@@ -348,6 +347,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{_fmt(s.get('max_error_gap_vs_tensorly'), '.2e')}. Target {s['target_speedup']:g}x "
         f"with no worse error: {'met' if s['meets_target'] else 'NOT met'}."
     )
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The report, rendered from a results dict (as read back from the JSON)."""
+    s = result["summary"]
     return "\n".join(
         [
             "# Tucker-2 at equal ranks: decomp vs tensorly vs tensorly-torch",
@@ -356,7 +360,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             "do not edit by hand.",
             "",
             render_meta(result["meta"]),
-            verdict,
+            verdict_line(s),
             "",
             "## Totals",
             "",

@@ -1,0 +1,252 @@
+"""benchmarks/report.py: the README's results section from small fake results files.
+
+Every file lives in ``tmp_path``: the real README and results are never read or written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks import report  # noqa: E402
+from benchmarks.common import write_results, write_text  # noqa: E402
+
+MACHINE = {
+    "cpu": "Fake CPU 9000",
+    "cpus_usable": 2,
+    "torch_threads": 2,
+    "cuda_available": False,
+    "device_name": "Fake CPU 9000",
+    "load_average": [0.5, 0.25, 0.125],
+}
+META = {"config": {}, "machine": MACHINE, "timestamp": "2030-01-02T03:04:05+00:00"}
+BEFORE = "# Title\n\nIntro text  \r\nwith odd spacing.\n\n## Results measured here\n\n"
+AFTER = "\n## Command line\n\nMore text, no final newline."
+README_TEXT = f"{BEFORE}{report.BEGIN}\nhand-typed table\n{report.END}\n{AFTER}"
+
+
+def _demo() -> dict[str, Any]:
+    sizes = {"macs": 14_000_000, "macs_competition": 13_900_000, "params": 3_300_000}
+    return {
+        "status": "done",
+        "config": {
+            "arch": "torchvision.models:resnet18",
+            "epochs": 12,
+            "finetune_epochs": 2,
+            "method": "tucker",
+            "rank": "vbmf:0.6",
+            "calibration_batches": 30,
+        },
+        "machine": {"platform": "Linux", "cpu_count": 2, "torch_threads": 1, "cuda": None},
+        "timings": {"total": 600.0},
+        "baseline": {
+            "f1": 0.9240,
+            "macs": 37_220_352,
+            "macs_competition": 37_134_858,
+            "params": 11_181_642,
+            "competition_score": 2.6248,
+        },
+        "decomposed": {
+            **sizes,
+            "f1": 0.9196,
+            "f1_before_calibration": 0.9185,
+            "competition_score": 0.9702,
+            "calibration_batches": 30,
+        },
+        "finetuned": {**sizes, "f1": 0.9255, "competition_score": 0.9667},
+        "summary": {
+            "macs_ratio": 0.4,
+            "params_ratio": 0.25,
+            "f1_drop_after_finetune": -0.0015,
+            "targets": {"macs_at_most_half": True, "f1_drop_at_most_1_point": False},
+        },
+    }
+
+
+def _tucker_summary() -> dict[str, Any]:
+    methods = [
+        {"method": "decomp", "total_s": 2.5, "time_vs_decomp": 1.0},
+        {"method": "tensorly", "total_s": 17.75, "time_vs_decomp": 7.1},
+    ]
+    for m in methods:
+        m |= {"total_median_s": m["total_s"], "mean_rel_error": 0.7321, "max_rel_error": 0.7333}
+    return {
+        "methods": methods,
+        "n_layers": 16,
+        "speedup_vs_tensorly": 7.1,
+        "speedup_vs_tltorch": 8.2,
+        "decomp_vs_floor": 7.8,
+        "target_speedup": 5.0,
+        "error_slack": 1e-6,
+        "error_no_worse": True,
+        "max_error_gap_vs_tensorly": -2.5e-5,
+        "meets_target": True,
+    }
+
+
+def _speed_rows() -> list[dict[str, Any]]:
+    row = {
+        "model": "resnet18",
+        "method": "tucker",
+        "status": "ok",
+        "decompose_s": 3.21,
+        "peak_delta_mb": 123.0,
+        "macs_reduction": 4.56,
+        "latency_speedup_b1": 2.34,
+        "latency_speedup_b64": 3.45,
+        "latency_efficiency_b1": 0.513,
+        "latency_efficiency_b64": 0.757,
+        "meets_latency_goal": False,
+        "note": None,
+    }
+    original = {"model": "resnet18", "method": "original", "status": "ok", "macs": 1}
+    return [original, row]
+
+
+def _quality_rows() -> list[dict[str, Any]]:
+    base = {"model": "resnet18", "status": "ok", "baseline_val_f1": 0.925, "budget": None}
+    sweep = {
+        **base,
+        "series": "sweep",
+        "method": "tucker",
+        "rank": "vbmf",
+        "finetune_epochs": 1,
+        "macs": 3_000_000,
+        "macs_reduction": 11.77,
+        "f1": 0.9132,
+        "val_f1": 0.9156,
+        "f1_drop_points": 1.07,
+    }
+    budget = {**sweep, "method": "auto", "budget": 0.125, "macs": 4_000_000}
+    target = {**budget, "series": "target-macs", "rank": "target-macs:0.125", "f1": 0.9111}
+    ratio = {**budget, "series": "ratio@equal-macs", "rank": "ratio:0.3", "f1": 0.9011}
+    vbmf = {**budget, "series": "vbmf@equal-macs", "rank": "vbmf:0.4", "f1": 0.9061}
+    return [sweep, target, ratio, vbmf]
+
+
+def write_fakes(results: Path, names: tuple[str, ...] = ("demo", "tucker", "speed", "quality")):
+    """The fake results files named by ``names`` in ``results``."""
+    results.mkdir(parents=True, exist_ok=True)
+    if "demo" in names:  # the demo writes its own format, not write_results'
+        import json
+
+        write_text(results / "demo.json", json.dumps(_demo()))
+    if "tucker" in names:
+        write_results(
+            results / "tucker_speed.json", META, [], summary=_tucker_summary(), notes=["n"]
+        )
+        write_text(results / "tucker_speed.md", "# full report\n")
+    if "speed" in names:
+        meta = {**META, "config": {"batch_sizes": [1, 64]}, "latency_goal": 0.75}
+        write_results(results / "speed.json", meta, _speed_rows())
+    if "quality" in names:
+        baseline = {"model": "resnet18", "f1": 0.9240, "macs": 37_220_352, "source": "trained"}
+        write_results(results / "quality.json", META, _quality_rows(), baselines=[baseline])
+        write_text(results / "quality_pareto.png", "not really a png")
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """tmp_path/README.md with markers and an empty tmp_path/benchmarks/results."""
+    readme = tmp_path / "README.md"
+    readme.write_bytes(README_TEXT.encode())
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    return {"readme": readme, "results": results}
+
+
+def test_section_shows_the_numbers_of_every_file(tree: dict[str, Path]) -> None:
+    write_fakes(tree["results"])
+    text = report.render_section(tree["results"], tree["readme"])
+    assert "not run yet" not in text
+    # demo: the table rows, the summary sentence, the targets, provenance
+    assert "| resnet18 baseline, 12 epochs | 0.9240 | 37,220,352 | 37,134,858 |" in text
+    assert "Tucker-2, `vbmf:0.6`, before BN calibration | 0.9185" in text
+    assert "after BN calibration (30 batches, no training) | 0.9196" in text
+    assert "after 2 epochs of distillation | 0.9255 |" in text
+    assert "2.5x fewer MACs and 4.0x fewer parameters" in text
+    assert "0.15 points *above* the baseline" in text
+    assert "F1 drop at most 1 point: **not met**" in text
+    assert "[`benchmarks/results/demo.json`](benchmarks/results/demo.json)" in text
+    assert "not recorded: date, CPU model, load" in text
+    # tucker: totals, ratio, verdict, provenance and the link to the full report
+    assert "| tensorly | 17.750 | 7.10 | 0.73210 | 0.73330 |" in text
+    assert "decomp is 7.10x faster than tensorly and 8.20x faster than tltorch" in text
+    assert "2030-01-02 03:04 UTC on Fake CPU 9000, 2 CPUs, 2 torch threads" in text
+    assert "load 0.5 / 0.25 / 0.125" in text
+    assert "[`tucker_speed.md`](benchmarks/results/tucker_speed.md)" in text
+    # speed: one row per model x method (not the original), efficiencies, the goal line
+    assert "| resnet18 | tucker | ok | 3.21 | 123 | 4.56 | 2.34 | 3.45 | 0.51 | 0.76 | no |" in text
+    assert "| original |" not in text
+    assert ">= 0.75 at batch 1 and 64; met by 0 of 1 rows" in text
+    # quality: baseline, goal lines, budget table and the plot
+    assert "| resnet18 | 0.9240 |" in text
+    assert "**resnet18, >= 8x fewer MACs at <= 1.5 point(s) of macro F1 lost: holds**" in text
+    assert "beats both in 1 of 1**" in text
+    assert "| resnet18 | 1/8 | 1 | 4,000,000 | 0.9111 |" in text
+    assert "![macro F1 against MACs](benchmarks/results/quality_pareto.png)" in text
+    assert str(tree["results"]) not in text  # links are relative to the README
+
+
+def test_missing_files_give_not_run_lines(tree: dict[str, Path]) -> None:
+    write_fakes(tree["results"], names=("tucker",))
+    text = report.render_section(tree["results"], tree["readme"])
+    for target in ("demo", "bench-speed", "bench-quality"):
+        assert f"\nnot run yet: `make {target}`\n" in text
+    assert "not run yet: `make bench-tucker`" not in text
+    empty = report.render_section(tree["results"] / "nothing", tree["readme"])
+    assert empty.count("not run yet: `make ") == len(report.SECTIONS)
+
+
+def test_replacement_keeps_the_rest_byte_identical(tree: dict[str, Path]) -> None:
+    write_fakes(tree["results"])
+    readme = tree["readme"]
+    assert report.update_readme(readme, tree["results"]) is True
+    new = readme.read_bytes().decode()
+    head = f"{BEFORE}{report.BEGIN}\n"
+    tail = f"{report.END}\n{AFTER}"
+    assert new.startswith(head) and new.endswith(tail)
+    body = new[len(head) : -len(tail)]
+    assert "hand-typed table" not in body
+    assert body == "\n" + report.render_section(tree["results"], readme) + "\n"
+    assert report.update_readme(readme, tree["results"]) is False  # stable: nothing to rewrite
+    assert readme.read_bytes().decode() == new
+
+
+def test_check_detects_drift(tree: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--results", str(tree["results"]), "--readme", str(tree["readme"])]
+    write_fakes(tree["results"], names=("demo",))
+    assert report.main(["--check", *args]) == 1
+    message = capsys.readouterr().err
+    assert "out of date" in message and "make report" in message
+    assert message.count("\n") == 1
+    assert tree["readme"].read_bytes().decode() == README_TEXT  # --check writes nothing
+    assert report.main(args) == 0
+    assert report.main(["--check", *args]) == 0
+    write_fakes(tree["results"], names=("speed",))  # a new results file: the README is stale
+    assert report.main(["--check", *args]) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# no markers at all\n",
+        f"{report.BEGIN}\nonly the beginning\n",
+        f"{report.END}\n{report.BEGIN}\n",
+        f"{report.BEGIN}\n{report.END}\n{report.BEGIN}\n{report.END}\n",
+    ],
+)
+def test_readme_without_markers_is_a_clear_error(
+    tree: dict[str, Path], text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree["readme"].write_text(text)
+    with pytest.raises(report.MarkerError, match="results:begin"):
+        report.update_readme(tree["readme"], tree["results"])
+    args = ["--results", str(tree["results"]), "--readme", str(tree["readme"])]
+    assert report.main(args) == 2
+    assert "needs one line <!-- results:begin -->" in capsys.readouterr().err
+    assert tree["readme"].read_text() == text
