@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +35,7 @@ from torch import nn
 from decomp import checkpoint
 from decomp import pipeline as pipeline_defaults
 from decomp.metrics import count_macs, count_macs_competition, count_params
-from decomp.plan import Plan, applied_plans, apply, plan
+from decomp.plan import Plan, applied_plans, apply, plan, recount
 from rank_selection import parse_rank_spec
 
 DEBUG_ENV = "DECOMP_DEBUG"
@@ -518,7 +518,7 @@ def decompose_command(
         if fixed is not None:
             job.size = list(size or fixed.input_size)
             _check_plan_fits(net, fixed)
-            p = fixed
+            p = recount(net, replace(fixed, input_size=job.size))
         else:
             job.size = _input_size(size, net, model)
             spec = rank or DEFAULT_RANK

@@ -14,7 +14,7 @@ import fnmatch
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -623,6 +623,34 @@ def _get(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{name}: the plan names a layer this model does not have") from None
+
+
+def recount(model: nn.Module, p: Plan) -> Plan:
+    """``p`` with every cost measured again on ``model``: after a plan's ranks were edited by
+    hand, its per-layer MACs and params (and the totals) describe the edited ranks."""
+    from decomp.metrics import count_macs, count_params
+
+    calls = trace_calls(model, p.input_size)
+    layers = []
+    for lp in p.layers:
+        module = _get(model, lp.name)
+        layer_calls = calls.get(module, [])
+        macs, params = _costs_before(module, layer_calls)
+        after = _costs_after(module, lp.method, lp.ranks, layer_calls) if lp.method else None
+        macs_after, params_after = after or (macs, params)
+        layers.append(
+            replace(
+                lp,
+                macs_before=macs,
+                macs_after=macs_after,
+                params_before=params,
+                params_after=params_after,
+            )
+        )
+    size = tuple(p.input_size)
+    return replace(
+        p, layers=layers, model_macs=count_macs(model, size), model_params=count_params(model)
+    )
 
 
 def applied_plans(model: nn.Module) -> list[dict[str, Any]]:

@@ -223,11 +223,27 @@ def test_edited_plan_is_applied(tiny_sd: Path, tmp_path: Path) -> None:
     layer["ranks"] = [5, 3]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     output = tmp_path / "edited.pt"
-    result = run(tiny_sd, "--arch", TINY[1], "--plan", tmp_path / "plan.json", "-o", output)
+    args = ("--arch", TINY[1], "--plan", tmp_path / "plan.json", "-o", output, "--json")
+    result = run(tiny_sd, *args)
     assert result.exit_code == 0, result.output
     model = load(output)
     assert model.conv1.core.weight.shape == (5, 3, 3, 3)
     assert model.conv2.core.weight.shape == (8, 8, 3, 3)
+    report = json.loads(result.stdout)  # the costs describe the edited ranks, not the file's
+    edited = next(lp for lp in report["plan"]["layers"] if lp["name"] == "conv1")
+    assert edited["macs_after"] < layer["macs_after"]
+    assert edited["params_after"] == model.conv1.core.weight.numel() + sum(
+        m.weight.numel() for m in (model.conv1.first, model.conv1.last)
+    )
+    size = tuple(report["input_size"])
+    assert (
+        report["plan"]["model_macs"]
+        - sum(
+            lp["macs_before"] - lp["macs_after"] for lp in report["plan"]["layers"] if lp["method"]
+        )
+        == report["macs_after"]
+        == decomp.count_macs(model, size)
+    )
 
 
 def test_json_output_is_the_only_stdout(tiny_sd: Path) -> None:
