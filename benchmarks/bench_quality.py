@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    REPO,
     RESULTS_DIR,
     Column,
     make_meta,
@@ -72,7 +73,6 @@ from benchmarks.common import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_ARCHS = {
     "resnet18": "torchvision.models:resnet18",
     "mobilenet_v2": "torchvision.models:mobilenet_v2",
@@ -241,7 +241,8 @@ def _fraction(job: Job | float | None) -> str:
 
 
 def jobs_for(config: Config, model: str) -> list[Job]:
-    """The sweep, then for each budget: target-macs, ratio and weakened vbmf at equal MACs."""
+    """The sweep, then for each budget: target-macs (plain and weighted by measured damage),
+    ratio and weakened vbmf at equal MACs."""
     jobs = [Job(model, SWEEP, m, spec=r) for m in config.methods for r in config.ranks]
     for budget in config.budgets:
         jobs += [Job(model, s, BUDGET_METHOD, budget=budget) for s in SERIES[1:]]

@@ -63,9 +63,9 @@ class LayerPlan:
     reason: str = ""
     aliases: list[str] = field(default_factory=list)
     importance: float | None = None
-    """The weight a MACs budget with data gave this layer's error: measured output damage per
-    unit of estimated error, relative to the mean over the eligible layers (see
-    :mod:`decomp.importance`); None without data."""
+    """With a MACs budget and data: the mean weight the layer's error curve was given (measured
+    output damage per unit of estimated error, relative to the mean over every layer's probes;
+    see :mod:`decomp.importance`). None otherwise."""
 
 
 @dataclass
@@ -507,6 +507,8 @@ def plan(
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     if target_macs is not None and method == "cp":
         raise ValueError("target_macs works with tucker, svd and auto; CP has no cheap error curve")
+    if data is not None and target_macs is None:
+        raise ValueError("data weighs the layers of a MACs budget; pass target_macs too")
     spec = parse_rank_spec(rank)
     input_size = _check_input_size(input_size)
     exclude = list(exclude)

@@ -85,3 +85,8 @@ def test_budget_with_data_keeps_more_rank_where_the_loss_is_sensitive():
     budget = int(0.5 * informed.model_macs)
     assert 0.95 * budget <= informed.macs_after <= budget
     assert decomp.Plan.from_json(informed.to_json()) == informed
+
+
+def test_data_without_a_budget_is_refused():
+    with pytest.raises(ValueError, match="pass target_macs too"):
+        decomp.plan(TwoBranches(), "tucker", "ratio:0.5", SIZE, data=batches())
