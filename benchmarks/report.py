@@ -189,7 +189,8 @@ def demo_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
         epochs = _plural(config.get("finetune_epochs", 0), "epoch")
         rows.append({**tuned, "label": f"after {epochs} of distillation"})
     total = result.get("timings", {}).get("total")
-    meta = {"machine": result.get("machine", {}), **result.get("meta", {})}
+    machine = result.get("machine", {})
+    meta = {"machine": machine, "timestamp": machine.get("timestamp"), **result.get("meta", {})}
     extra = f"total wall time {total / 60:.0f} min" if total else ""
     if result.get("status") not in (None, "done"):
         extra = f"status {result['status']}" + (f", {extra}" if extra else "")
