@@ -31,7 +31,7 @@ from decomp.factorize import (
     tucker2,
 )
 from decomp.factorize.base import gram_eigh, singular_values
-from rank_selection import RankSpec, parse_rank_spec
+from rank_selection import RankSpec, evbmf_spectrum, parse_rank_spec
 from rank_selection.budget import BudgetLayer, allocate
 
 logger = logging.getLogger(__name__)
@@ -326,21 +326,34 @@ def parse_macs_target(target: float | int | str, model_macs: int) -> int:
     )
 
 
+NOISE_WEIGHT = 0.01
+"""What a squared singular value below the EVBMF threshold counts for in a MACs budget's error,
+relative to one above it (chosen on the validation split, see the README)."""
+
+
 @dataclass
 class _Mode:
-    """The spectrum of one unfolding (channels x rest): tails[r] = share of the energy beyond
-    the first r singular values (r = 0..channels), and the leading left singular vectors."""
+    """The spectrum of one unfolding (channels x rest): tails[r] = the share of the weighted
+    energy beyond the first r singular values (r = 0..channels), and the leading left singular
+    vectors."""
 
     tails: np.ndarray
     basis: Callable[[int], torch.Tensor]
 
 
 def _mode(matrix: torch.Tensor) -> _Mode:
+    """The budget's view of one unfolding. EVBMF splits its spectrum into signal and noise; the
+    noise components count :data:`NOISE_WEIGHT` of their energy, so the allocator spends MACs on
+    what the layer learned before the rest of its random initialisation."""
     values, vectors, left = gram_eigh(matrix)
+    s2 = values.cpu().numpy()
+    signal = evbmf_spectrum(np.sqrt(s2), tuple(matrix.shape)).rank
     energy = np.zeros(matrix.shape[0])
-    energy[: len(values)] = values.cpu().numpy()
+    energy[: len(s2)] = s2
     total = energy.sum() or 1.0
-    tails = np.concatenate([[total], total - np.cumsum(energy)]).clip(min=0) / total
+    energy[signal:] *= NOISE_WEIGHT
+    kept = energy.sum()
+    tails = np.concatenate([[kept], kept - np.cumsum(energy)]).clip(min=0) / total
 
     def basis(rank: int) -> torch.Tensor:
         v = vectors[:, :rank]

@@ -243,3 +243,33 @@ def test_macs_budget_accepts_counts_and_names_the_floor(models):
         decomp.plan(model, "auto", input_size=SIZE, target_macs=0.001)
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
         decomp.plan(model, "auto", input_size=SIZE, target_macs="lots")
+
+
+class SignalAndNoise(nn.Module):
+    """Two convs of one shape and one norm on the same input: a planted rank-4 kernel plus
+    faint noise, and pure noise; a third conv mixes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.signal = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.noise = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.mix = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        planted = (torch.randn(64, 4) @ torch.randn(4, 32 * 9)).reshape(64, 32, 3, 3)
+        scale = planted.norm() / planted.numel() ** 0.5
+        with torch.no_grad():
+            self.signal.weight.copy_(planted + 0.01 * scale * torch.randn_like(planted))
+            self.noise.weight.copy_(scale * torch.randn_like(planted))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.signal(x) + self.noise(x))
+
+
+def test_macs_budget_spends_on_signal_before_noise():
+    """EVBMF calls the second conv all noise, so the budget keeps the first one's signal and
+    cuts the noise to the bone (on energy alone, the flat noise spectrum would draw the ranks)."""
+    p = decomp.plan(SignalAndNoise(), "tucker", input_size=(32, 8, 8), target_macs=0.3)
+    by_name = {lp.name: lp for lp in p.layers}
+    signal, noise = by_name["signal"], by_name["noise"]
+    assert signal.ranks == [] or min(signal.ranks) >= 4  # kept dense, or at least the signal
+    assert noise.method == "tucker" and noise.macs_after < signal.macs_after / 2
