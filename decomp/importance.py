@@ -13,11 +13,14 @@ per unit of estimated error, which the allocator multiplies into the layer's err
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from decomp.train import _batch_images, _model_device, _restore_flags, _training_flags
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +33,7 @@ def take_batches(data: Iterable, batches: int, device: torch.device) -> list[Ten
     """
     if batches < 1:
         raise ValueError(f"batches must be >= 1; got {batches}")
-    images = []
-    for batch in data:
-        if len(images) == batches:
-            break
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        images.append(x.to(device))
+    images = [_batch_images(b).to(device) for b in itertools.islice(data, batches)]
     if not images:
         raise ValueError("the importance data yielded no batches")
     return images
@@ -65,8 +63,8 @@ def output_damage(
     Returns:
         One non-negative number per layer, in nats, in the order given.
     """
-    device = next(model.parameters()).device
-    flags = {m: m.training for m in model.modules()}
+    device = _model_device(model)
+    flags = _training_flags(model)
     try:
         model.eval()
         images = take_batches(data, batches, device)
@@ -89,7 +87,6 @@ def output_damage(
                 layer.weight.copy_(saved)
             damage.append(max(0.0, float(kl)) / sum(len(x) for x in images))
     finally:
-        for module, flag in flags.items():
-            module.train(flag)
+        _restore_flags(flags)
     logger.info("output damage of %d layers over %d batches", len(damage), len(images))
     return damage

@@ -863,12 +863,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
+def _batch_images(batch: Any) -> Tensor:
+    """The images of a batch that is ``images`` or ``(images, labels, ...)``."""
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
 def _forward_batches(model: nn.Module, loader: Iterable, batches: int, device: torch.device) -> int:
     seen = 0
     with torch.no_grad():
         for batch in itertools.islice(loader, batches):
-            images = batch[0] if isinstance(batch, list | tuple) else batch
-            model(images.to(device, non_blocking=True))
+            model(_batch_images(batch).to(device, non_blocking=True))
             seen += 1
     return seen
 
