@@ -30,7 +30,7 @@ from decomp.factorize import (
     svd,
     tucker2,
 )
-from decomp.factorize.base import gram_eigh, singular_values
+from decomp.factorize.linalg import gram_eigh, singular_values
 from rank_selection import RankSpec, evbmf_spectrum, parse_rank_spec
 from rank_selection.budget import BudgetLayer, allocate
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias, gram_eigh
+from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias
+from decomp.factorize.linalg import gram_eigh
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from decomp.factorize.base import Factorized, check_plain_conv, check_rank, conv_like, copy_bias
+from decomp.factorize.linalg import top_eigvecs
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,6 @@ MIN_SWEEPS = 5
 """HOOI sweeps before the stopping rule may end the iteration. On a layer whose sweeps gain
 little from the start (resnet50's 7x7 stem at ranks (32, 2)), the rule alone stopped after 2
 sweeps, short of tensorly's error; the layers that cost time need more sweeps than this anyway."""
-
-
-def _top_eigvecs(gram: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Leading ``rank`` eigenvectors (columns) of a PSD matrix and the sum of their eigenvalues.
-
-    The eigendecomposition runs in the Gram's dtype (float32 for float32 kernels: the kept
-    subspace is accurate to about 1e-6, far below the changes the stopping rule looks at, and it
-    is twice as fast as float64 on the largest layers); the sum is returned in float64.
-    """
-    values, vectors = torch.linalg.eigh(gram)
-    return vectors[:, -rank:].flip(-1), values[-rank:].double().sum()
 
 
 def tucker2_factors(
@@ -82,18 +72,18 @@ def tucker2_factors(
     slices = w.permute(2, 3, 0, 1).reshape(kh * kw, c_out, c_in)  # one Cout x Cin matrix per tap
     total = w.double().pow(2).sum()
     unfold_in = w.transpose(0, 1).reshape(c_in, -1)
-    u_in, _ = _top_eigvecs(unfold_in @ unfold_in.T, r_in)
+    u_in, _ = top_eigvecs(unfold_in @ unfold_in.T, r_in)
     energy = torch.zeros((), dtype=torch.float64)
     sweeps = 1 if r_out == c_out and r_in == c_in else n_iter_max
     for sweep in range(sweeps):
         y = (slices @ u_in).transpose(0, 1).reshape(c_out, -1)  # (Cout, S * r_in)
-        u_out, new_energy = _top_eigvecs(y @ y.T, r_out)
+        u_out, new_energy = top_eigvecs(y @ y.T, r_out)
         converged = sweep + 1 >= MIN_SWEEPS and new_energy - energy <= tol * total
         if converged or sweep == sweeps - 1:
             break
         energy = new_energy
         z = (u_out.T @ slices).reshape(-1, c_in)  # (S * r_out, Cin)
-        u_in, _ = _top_eigvecs(z.T @ z, r_in)
+        u_in, _ = top_eigvecs(z.T @ z, r_in)
     core = (u_out.T @ y).reshape(r_out, kh * kw, r_in).transpose(1, 2).reshape(r_out, r_in, kh, kw)
     dtype = weight.dtype
     return Tucker2Factors(first=u_in.T.to(dtype), core=core.to(dtype), last=u_out.to(dtype))
