@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -81,3 +83,24 @@ def copy_bias(src: nn.Module, dst: nn.Module) -> None:
     """Copy the original bias into the last factor (only when the original had one)."""
     if src.bias is not None:
         dst.bias.copy_(src.bias)
+
+
+def numel(shape: Sequence[int]) -> int:
+    """The number of entries of a tensor of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """A few words for a layer's kind: "linear layer", "1x1 conv" or "kxk conv"."""
+    if isinstance(layer, nn.Linear):
+        return "linear layer"
+    return "1x1 conv" if tuple(layer.kernel_size) == (1, 1) else "kxk conv"
+
+
+def spatial_conv_only(layer: nn.Module, method: str) -> str | None:
+    """None for a kxk conv; else why ``method`` (Tucker-2, CP) does not apply to ``layer``."""
+    kind = layer_kind(layer)
+    return None if kind == "kxk conv" else f"{kind}: {method} applies to kxk convs"

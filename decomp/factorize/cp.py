@@ -10,13 +10,22 @@ output shape for any of them (and for 'same' padding, which needs stride 1).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from decomp import _tensorly
-from decomp.factorize.base import Factorized, check_plain_conv, check_rank, conv_like, copy_bias
+from decomp.factorize.base import (
+    Factorized,
+    check_plain_conv,
+    check_rank,
+    conv_like,
+    copy_bias,
+    spatial_conv_only,
+)
+from decomp.factorize.registry import Call, Method, register
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +176,39 @@ class CPConv2d(Factorized):
     first/vertical/horizontal/last."""
 
     method = "cp"
+
+
+class CPMethod(Method):
+    """CP for kxk convs: rank ``[R]``, the larger of the two channel unfoldings' ranks."""
+
+    name = "cp"
+    module_types = (CPConv2d,)
+    modes = 2
+
+    def accepts(self, layer: nn.Module) -> str | None:
+        return spatial_conv_only(layer, self.name)
+
+    def combine(self, mode_ranks: list[int]) -> list[int]:
+        return [0] if min(mode_ranks) == 0 else [max(mode_ranks)]
+
+    def costs(
+        self, layer: nn.Module, ranks: Sequence[int], calls: Sequence[Call]
+    ) -> tuple[int, int]:
+        """The kx1 conv runs at the output height and the input width."""
+        (r,) = ranks
+        c_out, c_in, (kh, kw) = layer.out_channels, layer.in_channels, layer.kernel_size
+        in_hw = sum(c.inp[2] * c.inp[3] for c in calls)
+        mid_hw = sum(c.out[2] * c.inp[3] for c in calls)
+        out_hw = sum(c.out[2] * c.out[3] for c in calls)
+        macs = in_hw * r * c_in + mid_hw * r * kh + out_hw * r * (kw + c_out)
+        bias = c_out if layer.bias is not None else 0
+        return macs, r * (c_in + kh + kw + c_out) + bias
+
+    def factorize(self, layer: nn.Module, ranks: Sequence[int]) -> CPConv2d:
+        return cp(layer, ranks[0])
+
+    def build(self, layer: nn.Module, ranks: Sequence[int]) -> CPConv2d:
+        return build_cp(layer, ranks[0])
+
+
+register(CPMethod())

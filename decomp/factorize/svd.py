@@ -6,13 +6,15 @@ eigendecomposition of the smaller Gram matrix: no full SVD is ever built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias
+from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias, layer_kind, numel
 from decomp.factorize.linalg import gram_eigh
+from decomp.factorize.registry import Call, Method, RankGrid, register
 
 
 @dataclass(frozen=True)
@@ -109,3 +111,41 @@ class SVDConv2d(Factorized):
     """1x1 conv (Cin->r, the stride and padding) -> 1x1 conv (r->Cout); children first/last."""
 
     method = "svd"
+
+
+class SVDMethod(Method):
+    """Truncated SVD for linear layers and 1x1 convs: rank ``[R]`` from the (out, in) matrix."""
+
+    name = "svd"
+    module_types = (SVDLinear, SVDConv2d)
+    auto_priority = 1
+
+    def accepts(self, layer: nn.Module) -> str | None:
+        kind = layer_kind(layer)
+        return f"{kind}: svd applies to linear and 1x1 layers" if kind == "kxk conv" else None
+
+    def grid(self, layer: nn.Module, points: int) -> RankGrid:
+        """Every rank up to min(out, in), walked ``steps // points`` at a time."""
+        steps = min(_as_matrix(layer).shape)
+        return RankGrid(steps, lambda k: [k], increment=max(1, steps // points))
+
+    def costs(
+        self, layer: nn.Module, ranks: Sequence[int], calls: Sequence[Call]
+    ) -> tuple[int, int]:
+        (r,) = ranks
+        out_f, in_f = _as_matrix(layer).shape
+        bias = out_f if layer.bias is not None else 0
+        if isinstance(layer, nn.Linear):
+            rows = sum(numel(c.out) // out_f for c in calls)
+        else:
+            rows = sum(c.out[2] * c.out[3] for c in calls)
+        return rows * r * (in_f + out_f), r * (in_f + out_f) + bias
+
+    def factorize(self, layer: nn.Module, ranks: Sequence[int]) -> SVDLinear | SVDConv2d:
+        return svd(layer, ranks[0])
+
+    def build(self, layer: nn.Module, ranks: Sequence[int]) -> SVDLinear | SVDConv2d:
+        return build_svd(layer, ranks[0])
+
+
+register(SVDMethod())

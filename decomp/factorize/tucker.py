@@ -10,13 +10,22 @@ matrix, so the cost per sweep is a few matrix products of the kernel's size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from decomp.factorize.base import Factorized, check_plain_conv, check_rank, conv_like, copy_bias
+from decomp.factorize.base import (
+    Factorized,
+    check_plain_conv,
+    check_rank,
+    conv_like,
+    copy_bias,
+    spatial_conv_only,
+)
 from decomp.factorize.linalg import top_eigvecs
+from decomp.factorize.registry import Call, Method, RankGrid, register
 
 
 @dataclass(frozen=True)
@@ -132,3 +141,42 @@ class TuckerConv2d(Factorized):
     """1x1 (Cin->r_in) -> core kxk (r_in->r_out) -> 1x1 (r_out->Cout); children first/core/last."""
 
     method = "tucker"
+
+
+class Tucker2Method(Method):
+    """Tucker-2 for kxk convs: ranks ``[r_out, r_in]`` from the two channel unfoldings."""
+
+    name = "tucker"
+    module_types = (TuckerConv2d,)
+    auto_priority = 0
+    modes = 2
+
+    def accepts(self, layer: nn.Module) -> str | None:
+        return spatial_conv_only(layer, self.name)
+
+    def grid(self, layer: nn.Module, points: int) -> RankGrid:
+        """Both ranks move together along fractions of (Cout, Cin): at most ``points`` steps."""
+        sizes = (layer.out_channels, layer.in_channels)
+        steps = min(points, max(sizes))
+        return RankGrid(steps, lambda k: [max(1, -(-k * c // steps)) for c in sizes])
+
+    def costs(
+        self, layer: nn.Module, ranks: Sequence[int], calls: Sequence[Call]
+    ) -> tuple[int, int]:
+        """The first 1x1 runs at the input resolution, the core and the last 1x1 at the output's."""
+        r_out, r_in = ranks
+        c_out, c_in, (kh, kw) = layer.out_channels, layer.in_channels, layer.kernel_size
+        in_hw = sum(c.inp[2] * c.inp[3] for c in calls)
+        out_hw = sum(c.out[2] * c.out[3] for c in calls)
+        macs = in_hw * r_in * c_in + out_hw * (r_out * r_in * kh * kw + c_out * r_out)
+        bias = c_out if layer.bias is not None else 0
+        return macs, c_in * r_in + r_in * r_out * kh * kw + r_out * c_out + bias
+
+    def factorize(self, layer: nn.Module, ranks: Sequence[int]) -> TuckerConv2d:
+        return tucker2(layer, tuple(ranks))
+
+    def build(self, layer: nn.Module, ranks: Sequence[int]) -> TuckerConv2d:
+        return build_tucker2(layer, tuple(ranks))
+
+
+register(Tucker2Method())
