@@ -518,7 +518,7 @@ def _common_fields(ctx: ModelContext, job: Job, p: Any, info: Mapping[str, Any])
 def decompose_and_calibrate(ctx: ModelContext, job: Job) -> tuple[nn.Module, dict[str, Any]]:
     """Plan, decompose, score before and after batch-norm re-estimation, measure the costs."""
     from decomp import pipeline
-    from decomp.train import calibrate
+    from decomp.batchnorm import calibrate
 
     start = time.perf_counter()
     p, info = plan_job(ctx, job)

@@ -5,10 +5,10 @@ compressed = decomp.decompose(model, method="tucker", rank="vbmf", input_size=(3
 """
 
 from decomp import factorize
+from decomp.batchnorm import calibrate
 from decomp.checkpoint import load, save
 from decomp.metrics import competition_score, count_macs, count_params
 from decomp.plan import LayerPlan, Plan, applied_plans, apply, decompose, plan
-from decomp.train import calibrate
 
 __version__ = "0.1.0"
 

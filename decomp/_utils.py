@@ -9,6 +9,7 @@
   run.
 - :func:`plain`: any result as JSON data.
 - :func:`batch_images`: the images of a loader batch.
+- :func:`check_choice`: a value from a fixed set, or an error that lists the set.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import platform
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,13 @@ def training_flags(*models: nn.Module, train: bool | None = None) -> Iterator[No
 def batch_images(batch: Any) -> Tensor:
     """The images of a loader batch that is ``images`` or ``(images, labels, ...)``."""
     return batch[0] if isinstance(batch, list | tuple) else batch
+
+
+def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
+    """Raise ``ValueError("unknown NAME 'x'; expected one of [...]")`` unless ``value`` is in
+    ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(allowed)}")
 
 
 # ------------------------------------------------------------------------------ input size

@@ -1,4 +1,4 @@
-"""Model files: load three kinds safely, save decomp files atomically, export to ONNX/TorchScript.
+"""Model files: load three kinds safely, save decomp files atomically.
 
 :func:`load` takes
 
@@ -31,30 +31,30 @@ a file again needs ``trust_pickle=True`` to load.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import difflib
 import hashlib
-import importlib
-import inspect
-import json
 import logging
 import os
 import pickle
-import platform
 import re
-import sys
 import tempfile
-import typing
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from decomp._utils import PathLike, atomic_write, check_input_size, versions
+from decomp.arch import (
+    DecompFileError,
+    arch_ref,
+    build_arch,
+    check_file_factory,
+    describe_arch,
+)
 from decomp.plan import Plan, applied_plans, apply
 
 logger = logging.getLogger(__name__)
@@ -63,112 +63,31 @@ FORMAT = "decomp"
 FORMAT_VERSION = 1
 ARCH_ATTR = "_decomp_arch"
 META_ATTR = "_decomp_meta"
-EXPORT_FORMATS = ("onnx", "torchscript")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _THOP_KEYS = ("total_ops", "total_params")
 _SHOW = 3  # how many keys an error message names
 
-PathLike = str | os.PathLike[str]
+
+# ------------------------------------------------------------------------ metadata
 
 
-class DecompFileError(ValueError):
-    """A model file that cannot be read or written; the message says what to do instead."""
+def model_meta(model: nn.Module) -> dict[str, Any]:
+    """The metadata :func:`load` attaches to a model (a copy): ``kind``, ``input_size``,
+    ``class_names``, ``versions``, ``extra`` (what the file's writer recorded), ``source_path``
+    and ``source_sha256``; empty for a model that did not come from :func:`load`."""
+    return dict(getattr(model, META_ATTR, None) or {})
 
 
-# ------------------------------------------------------------------------ architecture
+def model_arch(model: nn.Module) -> dict[str, Any] | None:
+    """The architecture reference a loaded model was built from, or None (a pickle)."""
+    return getattr(model, ARCH_ATTR, None)
 
 
-def arch_ref(arch: str | Mapping[str, Any], kwargs: Mapping[str, Any] | str | None = None) -> dict:
-    """Normalise an architecture reference to ``{"factory": "module:callable", "kwargs": {...}}``.
-
-    Args:
-        arch: ``"module:callable"`` (``callable`` may be dotted, ``"pkg.mod:Class.build"``), or a
-            dict with "factory" and optional "kwargs".
-        kwargs: keyword arguments for the factory, a dict or its JSON text; they must be plain
-            JSON data so that a decomp file can hold them.
-    """
-    if isinstance(arch, Mapping):
-        if kwargs is None:
-            kwargs = arch.get("kwargs") or {}
-        arch = arch.get("factory", "")
-    if not isinstance(arch, str) or not re.fullmatch(r"[\w.]+:[\w.]+", arch.strip()):
-        raise DecompFileError(
-            f"bad architecture reference {arch!r}: expected MODULE:FACTORY, "
-            "e.g. torchvision.models:resnet18 or mypkg.models:build"
-        )
-    return {"factory": arch.strip(), "kwargs": _check_kwargs(kwargs)}
-
-
-def _check_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    if kwargs is None:
-        return {}
-    if isinstance(kwargs, str):
-        try:
-            kwargs = json.loads(kwargs)
-        except json.JSONDecodeError as exc:
-            raise DecompFileError(
-                f"architecture kwargs are not valid JSON ({exc}); "
-                """expected an object such as '{"num_classes": 9}'"""
-            ) from None
-    if not isinstance(kwargs, Mapping):
-        raise DecompFileError(
-            f"architecture kwargs must be a JSON object such as '{{\"num_classes\": 9}}'; "
-            f"got {type(kwargs).__name__} {kwargs!r}"
-        )
-    try:
-        return json.loads(json.dumps(dict(kwargs)))
-    except (TypeError, ValueError) as exc:
-        raise DecompFileError(f"architecture kwargs must be plain JSON data: {exc}") from None
-
-
-def describe_arch(arch: Mapping[str, Any]) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in arch.get("kwargs", {}).items())
-    return f"{arch['factory']}({args})"
-
-
-def resolve_factory(spec: str) -> Callable[..., Any]:
-    """Import ``module:callable`` and return the callable, with an error that says how to fix it."""
-    module_name, _, attr_path = arch_ref(spec)["factory"].partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise DecompFileError(
-            f"cannot import {module_name!r} for --arch {spec} ({exc}); check the spelling, install "
-            "the package, or run from the folder that holds the module"
-        ) from None
-    except Exception as exc:
-        raise DecompFileError(
-            f"importing {module_name!r} for --arch {spec} failed: {type(exc).__name__}: {exc}"
-        ) from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise DecompFileError(f"{module_name!r} has no attribute {attr_path!r}{hint}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise DecompFileError(
-            f"--arch {spec} names a {type(obj).__name__}, not a callable that builds the model"
-        )
-    return obj
-
-
-def build_arch(arch: Mapping[str, Any]) -> nn.Module:
-    """Call the factory of an architecture reference (see :func:`arch_ref`) and check the result."""
-    arch = arch_ref(arch)
-    factory = resolve_factory(arch["factory"])
-    try:
-        model = factory(**arch["kwargs"])
-    except Exception as exc:
-        raise DecompFileError(
-            f"{describe_arch(arch)} raised {type(exc).__name__}: {exc}; check --arch-kwargs"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise DecompFileError(
-            f"{describe_arch(arch)} returned a {type(model).__name__}, not an nn.Module"
-        )
-    return model
+def recorded_input_size(model: nn.Module) -> list[int] | None:
+    """The input size a loaded model records: its file's, else its last applied plan's."""
+    plans = applied_plans(model)
+    size = model_meta(model).get("input_size") or (plans[-1].get("input_size") if plans else None)
+    return list(size) if size else None
 
 
 def _rebuild(arch: Mapping[str, Any], plans: Sequence[Mapping[str, Any]]) -> nn.Module:
@@ -443,7 +362,7 @@ def _from_decomp(
         logger.warning("%s: using --arch %s instead of the stored %s", path, ref, stored)
     if ref is None:
         ref = arch_ref(stored or "")
-        _check_file_factory(ref["factory"], path)
+        check_file_factory(ref["factory"], path)
     model = _rebuild(ref, plans)
     _load_state(model, state, describe_arch(ref), str(path))
     meta = {
@@ -454,41 +373,12 @@ def _from_decomp(
     return model, ref, meta
 
 
-def _check_file_factory(spec: str, path: Path) -> None:
-    """Refuse to call a factory named by a file unless it is an nn.Module class or a function
-    annotated to return one (as torchvision's builders are): a file must not be able to name
-    ``os:system`` and its argument. Standard-library modules are refused before any import.
-    """
-    top = spec.partition(":")[0].split(".")[0]
-    if top not in sys.stdlib_module_names and top != "builtins":
-        if _builds_modules(resolve_factory(spec)):
-            return
-    raise DecompFileError(
-        f"{path} asks to build its model by calling {spec}, and decomp calls only nn.Module "
-        "classes and functions annotated to return one on a file's word; if you trust the "
-        f"file, confirm with --arch {spec} (arch={spec!r})"
-    )
-
-
-def _builds_modules(obj: Any) -> bool:
-    """An nn.Module class, or a plain function whose return annotation is one."""
-    if isinstance(obj, type):
-        return issubclass(obj, nn.Module)
-    if not inspect.isfunction(obj):
-        return False
-    try:
-        returns = typing.get_type_hints(obj).get("return")
-    except Exception:  # an annotation that does not resolve: not a promise we can check
-        return False
-    return isinstance(returns, type) and issubclass(returns, nn.Module)
-
-
 def _from_pickle(
     model: nn.Module, ref: dict | None, path: Path
 ) -> tuple[nn.Module, dict | None, dict]:
     """A trusted pickled module; with ``ref``, check that it rebuilds the module, for safe saves."""
-    meta = dict(getattr(model, META_ATTR, None) or {})
-    ref = ref or getattr(model, ARCH_ATTR, None)
+    meta = model_meta(model)
+    ref = ref or model_arch(model)
     if ref is not None:
         rebuilt = _rebuild(ref, applied_plans(model))
         problems = _mismatches(rebuilt, model.state_dict())
@@ -545,42 +435,6 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
-
-    Readers see the old file or the new one, never a partial one; on any failure (or an
-    interrupt) the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _check_plain(value: Any, where: str) -> None:
     """Raise TypeError unless ``value`` is data that ``torch.load(weights_only=True)`` reads."""
     if value is None or type(value) in (str, int, float, bool) or isinstance(value, torch.Tensor):
@@ -596,24 +450,6 @@ def _check_plain(value: Any, where: str) -> None:
             _check_plain(item, f"{where}[{key!r}]")
         return
     raise TypeError(f"{where}: {type(value).__name__} cannot be stored; use plain data or tensors")
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the packages a decomp file depends on."""
-    import decomp
-
-    try:
-        import torchvision
-
-        vision = torchvision.__version__
-    except ImportError:
-        vision = None
-    return {
-        "torch": str(torch.__version__),
-        "torchvision": None if vision is None else str(vision),
-        "decomp": decomp.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def save(
@@ -648,10 +484,10 @@ def save(
     Returns:
         The path written.
     """
-    meta = getattr(model, META_ATTR, None) or {}
+    meta = model_meta(model)
     source = source if source is not None else meta.get("source_path")
     path = check_output_path(path, source)
-    ref = arch_ref(arch) if arch is not None else getattr(model, ARCH_ATTR, None)
+    ref = arch_ref(arch) if arch is not None else model_arch(model)
     if ref is None:
         return _save_pickle(model, path, meta, allow_pickle)
     plans = applied_plans(model)
@@ -662,7 +498,7 @@ def save(
         "arch": ref,
         "plans": plans,
         "state_dict": dict(model.state_dict()),
-        "input_size": _input_size(input_size, meta, plans),
+        "input_size": _input_size(input_size or recorded_input_size(model)),
         "class_names": list(class_names) if class_names is not None else meta.get("class_names"),
         "versions": versions(),
         "source_sha256": _source_hash(source, meta),
@@ -682,16 +518,8 @@ def save(
     return path
 
 
-def _input_size(
-    given: Sequence[int] | None, meta: Mapping[str, Any], plans: Sequence[Mapping[str, Any]]
-) -> list[int] | None:
-    size = given or meta.get("input_size") or (plans[-1].get("input_size") if plans else None)
-    if size is None:
-        return None
-    size = list(size)
-    if len(size) != 3 or not all(isinstance(d, int) and d > 0 for d in size):
-        raise ValueError(f"input_size must be three positive integers (C, H, W); got {given!r}")
-    return size
+def _input_size(size: Sequence[int] | None) -> list[int] | None:
+    return None if size is None else list(check_input_size(size))
 
 
 def _source_hash(source: PathLike | None, meta: Mapping[str, Any]) -> str | None:
@@ -716,140 +544,3 @@ def _save_pickle(model: nn.Module, path: Path, meta: Mapping[str, Any], allow: b
     )
     atomic_write(path, lambda tmp: torch.save(model, tmp))
     return path
-
-
-# ------------------------------------------------------------------------------- export
-
-
-def export(
-    model: nn.Module,
-    path: PathLike,
-    format: str,
-    input_size: Sequence[int],
-    *,
-    verify: bool = True,
-    tolerance: float = 1e-4,
-) -> float | None:
-    """Export ``model`` to ONNX (torch.export-based exporter) or TorchScript (trace), atomically.
-
-    The batch dimension stays dynamic. With ``verify``, the exported file is run (onnxruntime or
-    ``torch.jit.load``) on a random batch of 3 and compared with the PyTorch model before it is
-    renamed into place, so a file that does not match is never left behind.
-
-    Args:
-        model: the model (exported in eval mode; its own mode is restored).
-        path: the output file.
-        format: "onnx" or "torchscript".
-        input_size: (C, H, W) of one input.
-        verify: run the exported file and measure the difference.
-        tolerance: the largest relative error accepted.
-
-    Returns:
-        The relative error ``||y_export - y|| / ||y||``, or None when not verified (or
-        onnxruntime is not installed).
-
-    Raises:
-        RuntimeError: the exported outputs differ by more than ``tolerance``.
-    """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(
-            f"unknown export format {format!r}; expected one of {list(EXPORT_FORMATS)}"
-        )
-    size = _input_size(input_size, {}, [])
-    writer = _write_onnx if format == "onnx" else _write_torchscript
-    runner = _run_onnx if format == "onnx" else _run_torchscript
-    error: list[float | None] = [None]
-
-    def write(tmp: Path) -> None:
-        example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-        writer(model, example, tmp)
-        if verify:
-            error[0] = _verify(model, tmp, runner, size, tolerance)
-
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        atomic_write(path, write)
-    finally:
-        for module, training in flags:
-            module.training = training
-    return error[0]
-
-
-def _verify(
-    model: nn.Module,
-    tmp: Path,
-    runner: Callable[[PathLike, torch.Tensor], torch.Tensor | None],
-    size: Sequence[int],
-    tolerance: float,
-) -> float | None:
-    """Relative error of the exported file against ``model`` on a batch of 3; raise if too big."""
-    x = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(x)
-    got = runner(tmp, x)
-    if got is None:
-        return None
-    error = float((got - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny))
-    if not error <= tolerance:
-        raise RuntimeError(
-            f"the exported model's outputs differ from PyTorch's (relative error {error:.2e} > "
-            f"{tolerance:.0e}); nothing was written"
-        )
-    return error
-
-
-def _write_onnx(model: nn.Module, example: torch.Tensor, tmp: Path) -> None:
-    batch = torch.export.Dim("batch", min=1)
-    sink = _LogSink()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
-        program.save(str(tmp), external_data=False)
-
-
-def _write_torchscript(model: nn.Module, example: torch.Tensor, tmp: Path) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(tmp))
-
-
-def _run_onnx(path: PathLike, x: torch.Tensor) -> torch.Tensor | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        logger.warning("onnxruntime is not installed; the ONNX file was not verified")
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-
-def _run_torchscript(path: PathLike, x: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return loaded(x)
-
-
-class _LogSink:
-    """A stdout stand-in that passes the exporter's chatter to the debug log."""
-
-    def write(self, text: str) -> int:
-        if text.strip():
-            logger.debug("%s", text.rstrip())
-        return len(text)
-
-    def flush(self) -> None:
-        pass

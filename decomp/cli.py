@@ -34,6 +34,8 @@ from torch import nn
 
 from decomp import checkpoint
 from decomp import pipeline as pipeline_defaults
+from decomp.arch import describe_arch
+from decomp.export import export
 from decomp.metrics import count_macs, count_macs_competition, count_params
 from decomp.plan import Plan, applied_plans, apply, plan, recount
 from rank_selection import parse_rank_spec
@@ -577,7 +579,7 @@ def _calibrate(model: nn.Module, job: _Job) -> bool:
     """Re-estimate batch-norm statistics on the job's data (no training); whether it was done."""
     if job.data is None or job.batches == 0:
         return False
-    from decomp.train import calibrate
+    from decomp.batchnorm import calibrate
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         _say("no batch-norm layers: nothing to calibrate")
@@ -734,7 +736,7 @@ def inspect_command(
             _print_json({**summary, "plans": {m: p.to_dict() for m, p in plans.items()}})
             return
         ref = summary["arch"]
-        arch_text = checkpoint.describe_arch(ref) if ref else "none (a pickle)"
+        arch_text = describe_arch(ref) if ref else "none (a pickle)"
         _say(
             f"{model}: {summary['kind']} file, arch {arch_text}, input {_size(size)}, "
             f"{summary['plans_applied']} plan(s) applied"
@@ -798,7 +800,7 @@ def export_command(
         net = _load(model, arch, arch_kwargs, trust_pickle)
         size = _input_size(size, net, model)
         with _status(f"exporting to {format.value}"):
-            error = _forward_hint(lambda: checkpoint.export(net, target, format.value, size), size)
+            error = _forward_hint(lambda: export(net, target, format.value, size), size)
         runner = "onnxruntime" if format is ExportFormat.onnx else "torch.jit.load"
         check = (
             f"{runner} matches PyTorch (relative error {error:.1e})"
@@ -876,9 +878,10 @@ def finetune_command(
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune a (decomposed) model from its own weights; distil from --teacher if given."""
+    from decomp.batchnorm import calibrate
     from decomp.data import load_data
+    from decomp.distributed import setup_distributed
     from decomp.pipeline import finetune
-    from decomp.train import calibrate, setup_distributed
 
     with _command(verbose):
         checkpoint.check_input_path(model)

@@ -27,12 +27,14 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from decomp._utils import check_input_size, model_device, model_dtype, training_flags
 
 logger = logging.getLogger(__name__)
 
@@ -42,41 +44,6 @@ BASELINE_F1 = 0.8342
 """The competition's published baseline macro F1."""
 
 _COMPETITION_IGNORED = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6)
-
-
-def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
-    """Return ``input_size`` as a tuple of positive ints, or raise ValueError."""
-    try:
-        size = tuple(int(s) for s in input_size)
-    except TypeError as err:
-        raise ValueError(
-            f"input_size must be a sequence like (3, 32, 32); got {input_size!r}"
-        ) from err
-    if not size or any(s < 1 for s in size):
-        raise ValueError(
-            f"input_size must hold positive sizes, e.g. (3, 32, 32); got {input_size!r}"
-        )
-    return size
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of the first floating parameter or buffer (CPU float32 if none)."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each module's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> int:
@@ -94,8 +61,8 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> int
     """
     import thop
 
-    size = _check_input_size(input_size)
-    device, dtype = _device_dtype(model)
+    size = check_input_size(input_size, dims=None)
+    device, dtype = model_device(model), model_dtype(model)
     clone = copy.deepcopy(model).eval()
     x = torch.zeros((1, *size), device=device, dtype=dtype)
     macs, _ = thop.profile(clone, inputs=(x,), verbose=False)
@@ -117,7 +84,7 @@ def count_macs_competition(model: nn.Module, input_size: Sequence[int] = (3, 32,
     """
     from ptflops import get_model_complexity_info
 
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size, dims=None)
     clone = copy.deepcopy(model).eval()
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -307,20 +274,20 @@ def measure_latency(
     Returns:
         ``{"median_ms", "p90_ms", "mean_ms", "min_ms", "repeats", "batch_size", "device"}``.
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size, dims=None)
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
             "need batch_size >= 1, repeats >= 1, warmup >= 0; "
             f"got {batch_size}, {repeats}, {warmup}"
         )
-    model_device, dtype = _device_dtype(model)
-    target = torch.device(device) if device is not None else model_device
+    home, dtype = model_device(model), model_dtype(model)
+    target = torch.device(device) if device is not None else home
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
-    if target != model_device:
+    if target != home:
         model = copy.deepcopy(model).to(target)
     x = torch.randn((batch_size, *size), device=target, dtype=dtype)
-    with _eval_mode(model), torch.inference_mode():
+    with training_flags(model, train=False), torch.inference_mode():
 
         def run() -> None:
             model(x)
@@ -375,10 +342,10 @@ def evaluate_model(
     Returns:
         The ``classification_summary`` dict.
     """
-    target = torch.device(device) if device is not None else _device_dtype(model)[0]
+    target = torch.device(device) if device is not None else model_device(model)
     trues, preds = [], []
     width = None
-    with _eval_mode(model):
+    with training_flags(model, train=False):
         for batch in loader:
             inputs, targets = _split_batch(batch)
             logits = model(inputs.to(target, non_blocking=True))

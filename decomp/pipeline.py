@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from decomp.batchnorm import calibrate
 from decomp.data import DataBundle, load_data
+from decomp.distributed import setup_distributed
 from decomp.metrics import (
     BASELINE_F1,
     BASELINE_MACS,
@@ -42,7 +44,7 @@ from decomp.metrics import (
     evaluate_model,
     measure_latency,
 )
-from decomp.train import TrainConfig, calibrate, setup_distributed, train
+from decomp.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +218,7 @@ def _arch_with_classes(
     arch: str | Mapping[str, Any], arch_kwargs: Mapping[str, Any] | str | None, num_classes: int
 ) -> dict[str, Any]:
     """The architecture reference, with ``num_classes`` added when the factory takes it."""
-    from decomp.checkpoint import arch_ref, resolve_factory
+    from decomp.arch import arch_ref, resolve_factory
 
     ref = arch_ref(arch, arch_kwargs)
     if "num_classes" not in ref["kwargs"] and _accepts_kwarg(
@@ -239,7 +241,7 @@ def build_model(
         ``(model, arch reference)``; the reference includes ``num_classes`` when the factory
         takes it, so a decomp file rebuilds the same shapes.
     """
-    from decomp.checkpoint import build_arch
+    from decomp.arch import build_arch
 
     ref = _arch_with_classes(arch, arch_kwargs, num_classes)
     torch.manual_seed(seed)
@@ -303,7 +305,7 @@ def baseline_config(
     val_split: float | int | None,
 ) -> dict[str, Any]:
     """The settings that determine a baseline; a cached baseline is reused only when they match."""
-    from decomp.checkpoint import arch_ref
+    from decomp.arch import arch_ref
 
     return {
         "arch": arch_ref(arch, arch_kwargs),
@@ -808,7 +810,7 @@ class _Report:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from decomp.checkpoint import atomic_write
+    from decomp._utils import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -817,7 +819,7 @@ def environment() -> dict[str, Any]:
     """Package versions and the machine, for results files."""
     from importlib import metadata
 
-    from decomp.checkpoint import versions
+    from decomp._utils import versions
 
     info: dict[str, Any] = dict(versions())
     for dist in ("numpy", "ultralytics-thop", "ptflops", "tensorly", "scikit-learn"):
@@ -1086,7 +1088,7 @@ def plot_f1_vs_macs(results: Mapping[str, Any], path: str | os.PathLike[str]) ->
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    from decomp.checkpoint import atomic_write
+    from decomp._utils import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -4,60 +4,67 @@ One entry point, :func:`train`, serves both jobs of the project: training a base
 (``schedule="onecycle"``) and fine-tuning a compressed model, optionally distilled from the original
 (``teacher=...``). It never re-initialises the model: the first forward pass uses the weights it is
 given, and the starting weights are evaluated as "epoch 0", so fine-tuning can never return a model
-worse (on the validation set) than the one it was handed.
-
-:func:`calibrate` re-estimates batch-norm running statistics after decomposition without a single
-gradient step (seconds of work that recover most of the accuracy lost to the decomposition).
+worse (on the validation set) than the one it was handed. The loss, optimiser and schedules are
+in :mod:`decomp.optim`, the torchrun plumbing in :mod:`decomp.distributed`.
 
 Reproducibility and resume
 --------------------------
-At the start of every epoch the Python, NumPy and torch (CPU and CUDA) generators are re-seeded
-from ``(config.seed, epoch, rank)``, and so is the train loader's ``generator`` (and its sampler's,
-when it has one); ``set_epoch(epoch)`` is called on samplers that define it (DistributedSampler).
-The data order, augmentations and dropout masks of an epoch therefore depend only on the seed and
-the epoch number, which is what lets a run that was killed and resumed from its last checkpoint end
-with exactly the weights of an uninterrupted run (bit-exact on the CPU with ``num_workers=0``; on
-CUDA only as deterministic as the kernels are). This re-seeds the caller's loader generator.
+At the start of every epoch :func:`decomp.seeding.seed_epoch` re-seeds the Python, NumPy and torch
+(CPU and CUDA) generators from ``(config.seed, epoch, rank)``, and so is the train loader's
+``generator`` (and its sampler's, when it has one); ``set_epoch(epoch)`` is called on samplers that
+define it (DistributedSampler). The data order, augmentations and dropout masks of an epoch
+therefore depend only on the seed and the epoch number, which is what lets a run that was killed
+and resumed from its last checkpoint end with exactly the weights of an uninterrupted run
+(bit-exact on the CPU with ``num_workers=0``; on CUDA only as deterministic as the kernels are).
+This re-seeds the caller's loader generator.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import itertools
 import json
 import logging
-import math
 import os
-import random
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
+
+from decomp._utils import (
+    atomic_write,
+    atomic_write_text,
+    batch_images,
+    check_choice,
+    model_device,
+    training_flags,
+)
+from decomp.distributed import (
+    barrier,
+    broadcast_buffers,
+    check_samplers,
+    setup_distributed,
+)
+from decomp.metrics import macro_f1
+from decomp.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    build_scheduler,
+    distillation_loss,
+)
+from decomp.seeding import rng_state, seed_epoch, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT_FORMAT = "decomp.train/1"
-
-# one-cycle shape (as in Smith & Topin 2019 / torch's OneCycleLR defaults)
-_ONECYCLE_PCT_UP = 0.3
-_ONECYCLE_DIV = 25.0
-_ONECYCLE_FINAL_DIV = 1e4
 
 # config fields that may change between a run and its resumption without a warning
 _RESUME_FREE_FIELDS = {"resume", "max_epochs_this_run", "log_path", "checkpoint_path", "epochs"}
@@ -120,9 +127,9 @@ class TrainConfig:
     max_epochs_this_run: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("amp", self.amp, AMP_MODES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("amp", self.amp, AMP_MODES)
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0; got {self.epochs}")
         if not self.lr > 0:
@@ -165,59 +172,8 @@ class TrainResult:
     finished: bool
 
 
-def _check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(allowed)}")
-
-
 # --------------------------------------------------------------------------------------------------
-# distributed helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def setup_distributed() -> tuple[int, int, int]:
-    """Join the torchrun process group when the environment asks for one.
-
-    When ``WORLD_SIZE`` > 1 and no process group exists yet, it is created (``nccl`` when CUDA is
-    available, else ``gloo``) and, on CUDA, the current device is set to ``LOCAL_RANK``.
-
-    Returns:
-        ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` for a single process.
-    """
-    initialized = dist.is_available() and dist.is_initialized()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not initialized:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not initialized:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-        logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(), world, backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def cleanup_distributed() -> None:
-    """Destroy the default process group, if there is one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _broadcast_buffers(model: nn.Module, world: int) -> None:
-    """Make every rank's buffers (BN statistics) equal to rank 0's."""
-    if world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-# --------------------------------------------------------------------------------------------------
-# devices, precision, seeding
+# devices and precision
 # --------------------------------------------------------------------------------------------------
 
 
@@ -235,7 +191,7 @@ def _resolve_device(device: torch.device | str | None, world: int, local_rank: i
 
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``mode`` on ``device``, or None for full precision."""
-    _check_choice("amp", mode, AMP_MODES)
+    check_choice("amp", mode, AMP_MODES)
     if device.type != "cuda":
         if mode in ("bf16", "fp16"):
             logger.info("amp=%s needs CUDA; training in float32 on %s", mode, device)
@@ -251,167 +207,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A well-mixed 32-bit seed derived from ``(seed, epoch, rank)``."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _seed_epoch(seed: int, epoch: int, rank: int, loader: Iterable) -> None:
-    """Re-seed every generator an epoch draws from, so the epoch depends on (seed, epoch) only."""
-    value = epoch_seed(seed, epoch, rank)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)  # also seeds every CUDA device
-    samplers = [getattr(loader, "sampler", None)]
-    samplers.append(getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    generators = [getattr(loader, "generator", None)]
-    generators += [getattr(s, "generator", None) for s in samplers]
-    seen: set[int] = set()
-    for gen in generators:
-        if isinstance(gen, torch.Generator) and id(gen) not in seen:
-            gen.manual_seed(value)
-            seen.add(id(gen))
-    for sampler in {id(s): s for s in samplers if s is not None}.values():
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Generator states as tensors and primitives (loadable with ``weights_only=True``)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "name": np_name,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-
-
-# --------------------------------------------------------------------------------------------------
-# loss, optimiser, schedule
-# --------------------------------------------------------------------------------------------------
-
-
-def distillation_loss(
-    student_logits: Tensor,
-    targets: Tensor,
-    teacher_logits: Tensor | None = None,
-    alpha: float = 0.5,
-    temperature: float = 4.0,
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Cross-entropy, blended with knowledge distillation when teacher logits are given.
-
-    ``loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``
-    (Hinton, Vinyals, Dean, "Distilling the knowledge in a neural network", 2015; the T^2 keeps the
-    soft term's gradients on the scale of the hard term's).
-
-    Args:
-        student_logits: ``(N, C)``.
-        targets: ``(N,)`` class indices.
-        teacher_logits: ``(N, C)`` or None for plain cross-entropy.
-        alpha: weight of the distillation term, in [0, 1].
-        temperature: softening temperature T.
-        label_smoothing: label smoothing of the cross-entropy term.
-
-    Returns:
-        The scalar loss (float32).
-    """
-    student_logits = student_logits.float()
-    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
-    if teacher_logits is None:
-        return ce
-    t = temperature
-    kl = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits.float() / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1.0 - alpha) * ce + alpha * (t * t) * kl
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters, with weight decay on weights (ndim >= 2) only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser named by ``config.optimizer`` over the model's trainable parameters."""
-    groups = _param_groups(model, config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
-
-    Args:
-        schedule: one of :data:`SCHEDULES`.
-        step: the number of optimiser steps taken so far.
-        total_steps: steps of the whole run.
-        warmup_steps: linear warm-up length of the cosine schedule.
-
-    Returns:
-        The factor, in (0, 1] during the run.
-    """
-    _check_choice("schedule", schedule, SCHEDULES)
-    total_steps = max(1, total_steps)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    start, end = 1.0 / _ONECYCLE_DIV, 1.0 / (_ONECYCLE_DIV * _ONECYCLE_FINAL_DIV)
-    up = max(1, round(_ONECYCLE_PCT_UP * total_steps))
-    if step < up:
-        return start + (1.0 - start) * 0.5 * (1.0 - math.cos(math.pi * step / up))
-    progress = min(1.0, (step - up) / max(1, total_steps - up))
-    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-batch LambdaLR following :func:`lr_factor` (its state is plain data)."""
-    total = config.epochs * steps_per_epoch
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        return lr_factor(config.schedule, step, total, warmup)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,12 +244,10 @@ def _predict(
 
 
 def _classification_metrics(preds: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
-    """Macro F1 (scikit-learn, every class counted, zero_division=0) and accuracy."""
-    from sklearn.metrics import f1_score
-
-    classes = list(range(max(num_classes, int(labels.max()) + 1)))
-    f1 = f1_score(labels.numpy(), preds.numpy(), average="macro", labels=classes, zero_division=0)
-    return {"f1": float(f1), "accuracy": float((preds == labels).float().mean())}
+    """Macro F1 (every class counted, zero_division=0) and accuracy."""
+    classes = max(num_classes, int(labels.max()) + 1)
+    f1 = macro_f1(labels, preds, classes)
+    return {"f1": f1, "accuracy": float((preds == labels).float().mean())}
 
 
 def _evaluate(
@@ -469,35 +262,17 @@ def _evaluate(
 
 
 # --------------------------------------------------------------------------------------------------
-# atomic files: checkpoint and log
+# checkpoint and log files
 # --------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint_atomic(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """``torch.save(payload, path)`` atomically: readers see the old file or the new one."""
-    _atomic_write(Path(path), lambda handle: torch.save(payload, handle))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), parents=True)
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    lines = "".join(json.dumps(row) + "\n" for row in history)
-    _atomic_write(path, lambda handle: handle.write(lines.encode()))
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history), parents=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -532,15 +307,6 @@ class _Run:
     best_f1: float = float("nan")
     best_epoch: int = -1
     best_state: dict[str, Tensor] | None = None
-
-
-def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(module, module.training) for module in model.modules()]
-
-
-def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
-    for module, mode in flags:
-        module.training = mode
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, Tensor]:
@@ -585,13 +351,6 @@ def _steps_per_epoch(loader: Iterable) -> int:
         raise ValueError("the train loader must have a length (steps per epoch)") from None
 
 
-def _check_samplers(train_loader: Iterable, val_loader: Iterable | None) -> None:
-    if not isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-        logger.warning("distributed run without a DistributedSampler: every rank sees all the data")
-    if isinstance(getattr(val_loader, "sampler", None), DistributedSampler):
-        logger.warning("the validation loader is sharded; rank 0 evaluates only its shard")
-
-
 def _resume(run: _Run, config: TrainConfig) -> None:
     path = Path(config.checkpoint_path)  # type: ignore[arg-type]
     if not path.exists():
@@ -604,7 +363,7 @@ def _resume(run: _Run, config: TrainConfig) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    _set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     run.epoch, run.history = ckpt["epoch"], list(ckpt["history"])
     run.best_f1, run.best_epoch, run.best_state = ckpt["best_f1"], ckpt["best_epoch"], ckpt["best"]
     logger.info("resumed from %s after epoch %d (best F1 %.4f)", path, run.epoch, run.best_f1)
@@ -626,7 +385,7 @@ def _checkpoint_payload(run: _Run, config: TrainConfig) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "best_f1": run.best_f1,
         "best_epoch": run.best_epoch,
         "best": run.best_state,
@@ -773,16 +532,16 @@ def _fit(
     with _progress_bar(progress and run.rank == 0) as bar:
         while run.epoch < stop:
             start = time.perf_counter()
-            _seed_epoch(config.seed, run.epoch, run.rank, train_loader)
+            seed_epoch(config.seed, run.epoch, run.rank, train_loader)
             loss = _train_epoch(run, train_loader, teacher, config, bar)
-            _broadcast_buffers(run.model, run.world)
+            broadcast_buffers(run.model, run.world)
             metrics = _validate(run, val_loader)
             run.epoch += 1
             _record(run, loss, metrics, time.perf_counter() - start)
             _log_epoch(run, config)
             if run.rank == 0 and config.checkpoint_path is not None:
                 save_checkpoint_atomic(_checkpoint_payload(run, config), config.checkpoint_path)
-            _barrier(run.world)
+            barrier(run.world)
     return run.epoch >= config.epochs
 
 
@@ -818,18 +577,15 @@ def train(
     rank, world, local_rank = setup_distributed()
     device = _resolve_device(device, world, local_rank)
     if world > 1 and rank == 0:
-        _check_samplers(train_loader, val_loader)
-    modes = _training_flags(model) + ([] if teacher is None else _training_flags(teacher))
-    run = _start_run(model, train_loader, config, device, (rank, world))
-    if teacher is not None:
-        _prepare(teacher, device, run.channels_last)
-        teacher.eval()
-    try:
+        check_samplers(train_loader, val_loader)
+    with training_flags(model, *([] if teacher is None else [teacher])):
+        run = _start_run(model, train_loader, config, device, (rank, world))
+        if teacher is not None:
+            _prepare(teacher, device, run.channels_last)
+            teacher.eval()
         if not run.history:
             _evaluate_start(run, val_loader, config)
         finished = _fit(run, train_loader, val_loader, config, teacher, progress)
-    finally:
-        _restore_flags(modes)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     return TrainResult(run.best_f1, run.best_epoch, run.history, model, finished)
@@ -846,88 +602,18 @@ def _evaluate_start(run: _Run, val_loader: Iterable | None, config: TrainConfig)
 
 
 # --------------------------------------------------------------------------------------------------
-# batch-norm calibration
+# TEMPORARY: decomp.importance still imports these four; it moves to decomp._utils (batch_images,
+# model_device, training_flags) in the lead's change, and then this block goes.
 # --------------------------------------------------------------------------------------------------
 
-
-def _batchnorms(model: nn.Module) -> list[_BatchNorm]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
+_batch_images = batch_images
+_model_device = model_device
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
+def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(module, module.training) for module in model.modules()]
 
 
-def _batch_images(batch: Any) -> Tensor:
-    """The images of a batch that is ``images`` or ``(images, labels, ...)``."""
-    return batch[0] if isinstance(batch, list | tuple) else batch
-
-
-def _forward_batches(model: nn.Module, loader: Iterable, batches: int, device: torch.device) -> int:
-    seen = 0
-    with torch.no_grad():
-        for batch in itertools.islice(loader, batches):
-            model(_batch_images(batch).to(device, non_blocking=True))
-            seen += 1
-    return seen
-
-
-def calibrate(
-    model: nn.Module,
-    loader: Iterable,
-    batches: int = 30,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """Re-estimate batch-norm running statistics, without any gradient step (in place).
-
-    Every BatchNorm (1d/2d/3d, SyncBatchNorm) has its running statistics reset and re-estimated as
-    the plain average over ``batches`` batches (``momentum=None``). Only the batch-norm layers run
-    in training mode; dropout and the rest stay in eval mode, so the statistics describe the
-    activations seen at inference and the result is deterministic for a fixed loader order.
-    Momenta and every module's training flag are restored afterwards; parameters and the buffers
-    of other modules are not touched. On an error the old statistics are put back.
-
-    Args:
-        model: the network (for example just after decomposition).
-        loader: yields ``(images, labels)`` or ``images``.
-        batches: how many batches to average over (fewer if the loader is shorter).
-        device: where to run; default the model's device (the model is moved when given).
-
-    Returns:
-        ``model`` itself.
-    """
-    norms = _batchnorms(model)
-    if not norms:
-        logger.info("no batch-norm layers; nothing to calibrate")
-        return model
-    if batches < 1:
-        raise ValueError(f"batches must be >= 1; got {batches}")
-    device = _model_device(model) if device is None else torch.device(device)
-    model.to(device)
-    modes = _training_flags(model)
-    saved = [(bn, bn.momentum, copy.deepcopy(list(bn.buffers()))) for bn in norms]
-    try:
-        model.eval()
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        seen = _forward_batches(model, loader, batches, device)
-        if seen == 0:
-            raise ValueError("the calibration loader yielded no batches")
-    except BaseException:
-        for bn, _, buffers in saved:
-            for live, old in zip(bn.buffers(), buffers, strict=True):
-                live.copy_(old)
-        raise
-    finally:
-        for bn, momentum, _ in saved:
-            bn.momentum = momentum
-        _restore_flags(modes)
-    logger.info("re-estimated %d batch-norm layers over %d batches", len(norms), seen)
-    return model
+def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for module, mode in flags:
+        module.training = mode

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_train import TinyNet, make_data  # noqa: E402
+from tiny_task import TinyNet, make_data  # noqa: E402
 
-from decomp.train import TrainConfig, cleanup_distributed, setup_distributed, train  # noqa: E402
+from decomp.distributed import cleanup_distributed, setup_distributed  # noqa: E402
+from decomp.train import TrainConfig, train  # noqa: E402
 
 
 def main(out: Path) -> None:

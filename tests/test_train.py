@@ -1,4 +1,4 @@
-"""Tests of decomp.train: no re-init, learning, KD, resume, atomic files, DDP, calibrate."""
+"""Tests of decomp.train: no re-init, learning, KD, resume, atomic files, DDP."""
 
 from __future__ import annotations
 
@@ -15,98 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from decomp import train as train_mod
-from decomp.train import (
-    TrainConfig,
-    calibrate,
-    distillation_loss,
-    load_checkpoint,
-    lr_factor,
-    save_checkpoint_atomic,
-    train,
+from decomp.train import TrainConfig, load_checkpoint, save_checkpoint_atomic, train
+from tests.tiny_task import (
+    TinyNet,
+    evaluate,
+    fit,
+    loaders,
+    make_data,
+    net,
+    snapshot,
+    states_equal,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = 4
-
-
-# --------------------------------------------------------------------------------------------------
-# tiny task and network
-# --------------------------------------------------------------------------------------------------
-
-
-def make_data(n: int, seed: int) -> TensorDataset:
-    """1x8x8 noise images; the label is the quadrant that holds a brighter 4x4 patch."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, 8, 8, generator=gen)
-    labels = torch.randint(0, CLASSES, (n,), generator=gen)
-    for i, label in enumerate(labels.tolist()):
-        row, col = 4 * (label // 2), 4 * (label % 2)
-        images[i, 0, row : row + 4, col : col + 4] += 0.8
-    return TensorDataset(images, labels)
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU x2, 2x2 average pool, optional dropout, linear."""
-
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(64, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(self.drop(self.pool(x).flatten(1)))
-
-
-def loaders(seed: int = 0, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
-    train_loader = DataLoader(
-        make_data(256, seed=0),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return train_loader, DataLoader(make_data(128, seed=1), batch_size=64)
-
-
-def net(seed: int = 0, dropout: float = 0.0) -> TinyNet:
-    torch.manual_seed(seed)
-    return TinyNet(dropout)
-
-
-def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Reference evaluation, independent of decomp.train: macro F1 (sklearn) and accuracy."""
-    model.eval()
-    with torch.no_grad():
-        pairs = [(model(x).argmax(1), y) for x, y in loader]
-    preds = torch.cat([p for p, _ in pairs])
-    labels = torch.cat([y for _, y in pairs])
-    f1 = f1_score(labels, preds, average="macro", labels=list(range(CLASSES)), zero_division=0)
-    return {"f1": float(f1), "accuracy": float((preds == labels).float().mean())}
-
-
-def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def fit(model: nn.Module, epochs: int = 4, **kwargs) -> train_mod.TrainResult:
-    train_loader, val_loader = loaders()
-    config = TrainConfig(epochs=epochs, lr=0.05, schedule="onecycle", **kwargs)
-    return train(model, train_loader, val_loader, config, progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -203,22 +128,6 @@ def test_knowledge_distillation_brings_student_to_teacher(trained: TinyNet) -> N
     assert kl_to_teacher() < 0.5 * before
 
 
-def test_distillation_loss_formula() -> None:
-    gen = torch.Generator().manual_seed(0)
-    s, t = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
-    y = torch.randint(0, 5, (6,), generator=gen)
-    ce = F.cross_entropy(s, y)
-    assert torch.allclose(distillation_loss(s, y), ce)
-    assert torch.allclose(distillation_loss(s, y, t, alpha=0.0), ce)
-    temp = 3.0
-    p_t = (t / temp).softmax(1)
-    kl = (p_t * (p_t.log() - (s / temp).log_softmax(1))).sum(1).mean()
-    assert torch.allclose(distillation_loss(s, y, t, alpha=1.0, temperature=temp), temp**2 * kl)
-    mixed = distillation_loss(s, y, t, alpha=0.25, temperature=temp)
-    assert torch.allclose(mixed, 0.75 * ce + 0.25 * temp**2 * kl)
-    assert distillation_loss(s, y, s.clone(), alpha=1.0).abs() < 1e-6
-
-
 class Fuse(Dataset):
     """Wraps a data set and raises after ``fuse`` item reads: a job killed mid-epoch."""
 
@@ -309,8 +218,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(
     save_checkpoint_atomic({"format": "x", "value": torch.ones(3)}, path)
     original = path.read_bytes()
 
-    def half_write(obj: object, handle) -> None:
-        handle.write(b"half a checkpoint")
+    def half_write(obj: object, tmp: Path) -> None:
+        Path(tmp).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", half_write)
@@ -339,15 +248,6 @@ def test_config_errors_name_the_choices() -> None:
         TrainConfig(kd_alpha=1.5)
     with pytest.raises(ValueError, match="checkpoint_path"):
         TrainConfig(resume=True)
-
-
-def test_lr_schedules() -> None:
-    cosine = [lr_factor("cosine", i, 100, warmup_steps=10) for i in range(100)]
-    assert cosine[0] < cosine[5] < cosine[10] == 1.0 > cosine[50] > cosine[99] >= 0
-    onecycle = [lr_factor("onecycle", i, 100) for i in range(100)]
-    assert onecycle[0] == pytest.approx(1 / 25) and max(onecycle) == pytest.approx(1.0)
-    assert onecycle[99] < 1e-3
-    assert lr_factor("constant", 37, 100) == 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,100 +287,3 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         "rank0.pt",
         "rank1.pt",
     ]
-
-
-# --------------------------------------------------------------------------------------------------
-# calibrate
-# --------------------------------------------------------------------------------------------------
-
-
-class Tagged(nn.Module):
-    """A non-BN module with a buffer that calibration must not touch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
-def calib_loader(shuffle: bool = False) -> DataLoader:
-    gen = torch.Generator().manual_seed(0)
-    return DataLoader(make_data(256, seed=2), batch_size=32, shuffle=shuffle, generator=gen)
-
-
-def test_calibrate_touches_only_batchnorm_buffers(trained: TinyNet) -> None:
-    model = nn.Sequential(Tagged(), copy.deepcopy(trained), nn.Dropout(0.5))
-    model.eval()
-    model[2].train()  # mixed flags must come back as they were
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    bns[0].momentum = 0.3
-    params = {k: v.clone() for k, v in model.named_parameters()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    flags = [m.training for m in model.modules()]
-    calibrate(model, calib_loader(), batches=4)
-    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
-    changed = {k for k, v in model.named_buffers() if not torch.equal(v, buffers[k])}
-    bn_names = {k for k, _ in model.named_buffers() if ".bn" in k}
-    assert changed == bn_names and "0.scale" in buffers
-    assert [m.training for m in model.modules()] == flags
-    assert [bn.momentum for bn in bns] == [0.3, 0.1]
-    assert int(bns[0].num_batches_tracked) == 4
-
-
-def test_calibrate_handles_every_batchnorm_kind() -> None:
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 12), nn.BatchNorm1d(12), nn.SyncBatchNorm(12), nn.Linear(12, 4)
-    )
-    model.eval()
-    calibrate(model, calib_loader(), batches=2)
-    assert int(model[2].num_batches_tracked) == 2 and int(model[3].num_batches_tracked) == 2
-    assert not model.training and model[3].momentum == 0.1
-
-
-def test_calibrate_is_deterministic_and_averages_exactly(trained: TinyNet) -> None:
-    a, b = copy.deepcopy(trained), copy.deepcopy(trained)
-    calibrate(a, calib_loader(shuffle=True), batches=5)
-    calibrate(b, calib_loader(shuffle=True), batches=5)
-    assert states_equal(snapshot(a), snapshot(b))
-    # with equal batches, momentum=None gives the plain mean of the BN inputs over the data
-    model = copy.deepcopy(trained)
-    calibrate(model, calib_loader(), batches=1000)
-    model.eval()
-    with torch.no_grad():
-        pre_bn = torch.cat([model.conv1(x) for x, _ in calib_loader()])
-    assert torch.allclose(model.bn1.running_mean, pre_bn.mean(dim=(0, 2, 3)), atol=1e-5)
-
-
-def test_calibrate_recovers_a_decomposition_like_perturbation(trained: TinyNet) -> None:
-    val = loaders()[1]
-    original = evaluate(trained, val)["accuracy"]
-    model = copy.deepcopy(trained)
-    with torch.no_grad():  # a truncated factorization loses output energy: the stats go stale
-        model.conv1.weight.mul_(0.3)
-        model.conv2.weight.mul_(0.3)
-    broken = evaluate(model, val)["accuracy"]
-    calibrate(model, calib_loader(), batches=8)
-    fixed = evaluate(model, val)["accuracy"]
-    assert broken < original - 0.3, (broken, original)
-    # a rescaled conv followed by re-estimated BN computes (almost) the original function
-    assert fixed >= original - 0.03, (fixed, broken, original)
-
-
-def test_calibrate_without_batchnorm_is_a_no_op(caplog: pytest.LogCaptureFixture) -> None:
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4))
-    before = snapshot(model)
-    with caplog.at_level(logging.INFO, logger="decomp.train"):
-        assert calibrate(model, calib_loader()) is model
-    assert states_equal(snapshot(model), before)
-    assert "no batch-norm layers; nothing to calibrate" in caplog.text
-
-
-def test_calibrate_empty_loader_restores_statistics(trained: TinyNet) -> None:
-    model = copy.deepcopy(trained)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="no batches"):
-        calibrate(model, [], batches=3)
-    assert states_equal(snapshot(model), before)
-    assert model.bn1.momentum == 0.1
