@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import decomp
-from decomp.importance import output_damage
+from decomp.plan.importance import output_damage
 from tests.conftest import tiny_net
 
 SIZE = (3, 16, 16)

@@ -88,6 +88,11 @@ class Method:
         """
         return None
 
+    @property
+    def budgets(self) -> bool:
+        """Whether a MACs budget can spend on this method (it has a rank grid)."""
+        return type(self).grid is not Method.grid
+
     def costs(
         self, layer: nn.Module, ranks: Sequence[int], calls: Sequence[Call]
     ) -> tuple[int, int]:

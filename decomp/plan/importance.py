@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from decomp.train import _batch_images, _model_device, _restore_flags, _training_flags
+from decomp._utils import batch_images, model_device, training_flags
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def take_batches(data: Iterable, batches: int, device: torch.device) -> list[Ten
     """
     if batches < 1:
         raise ValueError(f"batches must be >= 1; got {batches}")
-    images = [_batch_images(b).to(device) for b in itertools.islice(data, batches)]
+    images = [batch_images(b).to(device) for b in itertools.islice(data, batches)]
     if not images:
         raise ValueError("the importance data yielded no batches")
     return images
@@ -63,10 +63,8 @@ def output_damage(
     Returns:
         One non-negative number per layer, in nats, in the order given.
     """
-    device = _model_device(model)
-    flags = _training_flags(model)
-    try:
-        model.eval()
+    device = model_device(model)
+    with training_flags(model, train=False):
         images = take_batches(data, batches, device)
         reference = [torch.log_softmax(model(x).float(), dim=-1) for x in images]
         damage = []
@@ -86,7 +84,5 @@ def output_damage(
             finally:
                 layer.weight.copy_(saved)
             damage.append(max(0.0, float(kl)) / sum(len(x) for x in images))
-    finally:
-        _restore_flags(flags)
     logger.info("output damage of %d layers over %d batches", len(damage), len(images))
     return damage

@@ -1,0 +1,158 @@
+"""Plan and apply: decide per layer what to do, then do it.
+
+``plan()`` traces one forward pass, looks at every nn.Conv2d and nn.Linear and decides, without
+changing the model, which factorization it gets, at which ranks, what it costs before and after
+(MACs as thop counts them, params), or why it is left alone. ``apply()`` builds the factorized
+modules and swaps them in by qualified name. The pieces:
+
+- :mod:`~decomp.plan.model`: Plan and LayerPlan, plain data with a JSON round trip;
+- :mod:`~decomp.plan.trace`: the traced forward pass and the dense costs;
+- :mod:`~decomp.plan.policy`: which layers, which method, is it worth it;
+- :mod:`~decomp.plan.budget`: spending a MACs budget over the layers' error curves;
+- :mod:`~decomp.plan.importance`: measured output damage per layer;
+- :mod:`~decomp.plan.apply`: the surgery, and recounting an edited plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from decomp._utils import check_input_size
+from decomp.factorize import registry
+from decomp.metrics import count_macs, count_params
+from decomp.plan import budget, policy
+from decomp.plan.apply import applied_plans, apply, recount
+from decomp.plan.model import PLAN_FORMAT, LayerPlan, Plan, Skip
+from decomp.plan.policy import select_ranks
+from decomp.plan.trace import trace_calls
+from rank_selection import RankSpec, parse_rank_spec
+
+__all__ = [
+    "PLAN_FORMAT",
+    "LayerPlan",
+    "Plan",
+    "Skip",
+    "applied_plans",
+    "apply",
+    "decompose",
+    "method_choices",
+    "plan",
+    "recount",
+    "select_ranks",
+    "trace_calls",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def method_choices() -> list[str]:
+    """The methods a plan accepts: every registered one, then ``auto``."""
+    return registry.choices()
+
+
+def plan(
+    model: nn.Module,
+    method: str = "tucker",
+    rank: str | int | float | RankSpec = "vbmf",
+    input_size: Sequence[int] = (3, 32, 32),
+    exclude: Iterable[str] = (),
+    force: bool = False,
+    target_macs: float | int | str | None = None,
+    data: Iterable | None = None,
+    importance_batches: int = 4,
+) -> Plan:
+    """Decide, per layer and without changing ``model``, how it is factorized.
+
+    Args:
+        model: any nn.Module taking a (1, *input_size) tensor.
+        method: a registered method ("tucker", "cp", "svd", ...) or "auto" (per layer, the
+            accepting method of lowest priority: tucker for kxk convs, svd for 1x1 and linear).
+        rank: a rank spec (see rank_selection): "vbmf", "vbmf:0.6", "ratio:0.5", "energy:0.95", 16.
+        input_size: (C, H, W) of one input, used to trace spatial sizes.
+        exclude: fnmatch patterns of qualified names to leave alone.
+        force: factorize layers even where that would not cut MACs.
+        target_macs: a MACs budget for the whole model: a fraction of its MACs (0.25), or a
+            count (5_000_000, "5M"). Ranks are then allocated across layers by
+            :func:`rank_selection.budget.allocate` and ``rank`` is not used.
+        data: with ``target_macs``, batches (images, or ``(images, labels)``) on which each
+            layer's output damage per unit of estimated error is measured
+            (:mod:`decomp.plan.importance`) and used to weight its error; without data every
+            layer weighs the same.
+        importance_batches: how many batches of ``data`` to use.
+
+    Returns:
+        The Plan; layers that are left alone carry the reason.
+    """
+    registry.check_choice(method)
+    if target_macs is not None and method != registry.AUTO and not registry.get(method).budgets:
+        able = [m for m in registry.names() if registry.get(m).budgets]
+        raise ValueError(
+            f"target_macs works with {', '.join([*able, registry.AUTO])}; "
+            f"{method} has no error curve for a budget"
+        )
+    if data is not None and target_macs is None:
+        raise ValueError("data weighs the layers of a MACs budget; pass target_macs too")
+    spec = parse_rank_spec(rank)
+    input_size = check_input_size(input_size)
+    exclude = list(exclude)
+
+    calls = trace_calls(model, input_size)
+    inner = policy.inside_factorized(model)
+    layers, eligible = [], []
+    for module, names in policy.targets(model).items():
+        lp = policy.dense_plan(names[0], module, calls.get(module, []))
+        lp.aliases = names[1:]
+        layers.append(lp)
+        hit = policy.first_match(names, exclude)
+        if hit is not None:
+            lp.skip_as(Skip.EXCLUDED, f"excluded by {hit!r}")
+        elif module in inner:
+            lp.skip_as(Skip.FACTORIZED, "already factorized")
+        elif module not in calls:
+            lp.skip_as(Skip.NOT_CALLED, "not called in the forward pass")
+        else:
+            chosen, skip, reason = policy.method_for(module, method)
+            if chosen is None:
+                lp.skip_as(skip, reason)
+            else:
+                eligible.append((lp, module, chosen))
+    model_macs = count_macs(model, tuple(input_size))
+    if target_macs is None:
+        ranks = [select_ranks(module, chosen, spec) for _, module, chosen in eligible]
+        source = str(spec)
+    else:
+        total = budget.parse_macs_target(target_macs, model_macs)
+        curves = [budget.curve(lp, m, chosen) for lp, m, chosen in eligible]
+        if data is not None and curves:
+            budget.measure(model, curves, data, importance_batches)
+        ranks = budget.budget_ranks(curves, calls, total, model_macs)
+        source = f"target-macs:{target_macs}"
+    for (lp, module, chosen), r in zip(eligible, ranks, strict=True):
+        if r is None:
+            lp.skip_as(Skip.BUDGET, "kept dense by the MACs budget")
+        else:
+            policy.decide(lp, module, chosen, r, calls[module], force, source)
+    result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
+    logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
+    return result
+
+
+def decompose(
+    model: nn.Module,
+    method: str = "tucker",
+    rank: str | int | float | RankSpec = "vbmf",
+    input_size: Sequence[int] = (3, 32, 32),
+    exclude: Iterable[str] = (),
+    force: bool = False,
+    inplace: bool = False,
+    progress: Callable[[str], None] | None = None,
+    target_macs: float | int | str | None = None,
+    data: Iterable | None = None,
+    importance_batches: int = 4,
+) -> nn.Module:
+    """``apply(model, plan(model, ...))``: a compressed copy of ``model`` (see :func:`plan`)."""
+    p = plan(model, method, rank, input_size, exclude, force, target_macs, data, importance_batches)
+    return apply(model, p, inplace=inplace, progress=progress)

@@ -1,0 +1,117 @@
+"""Apply a plan: build each planned factorization and swap it in by qualified name.
+
+Residual and custom forwards keep working because only the planned layers are replaced
+(``setattr`` on their parents), never a whole ``nn.Sequential``. A module reachable under
+several names is replaced under all of them by the same new module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from decomp.factorize import registry
+from decomp.metrics import count_macs, count_params
+from decomp.plan.model import Plan
+from decomp.plan.trace import dense_costs, trace_calls
+
+PLANS_ATTR = "_decomp_plans"
+INITS = ("decompose", "structure")
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{name}: the plan names a layer this model does not have") from None
+
+
+def _check_fits(module: nn.Module, name: str, kind: str, shape: list[int]) -> None:
+    expected = nn.Linear if kind == "linear" else nn.Conv2d
+    if not isinstance(module, expected):
+        raise ValueError(
+            f"{name}: the plan expects {expected.__name__}, the model has {type(module).__name__}"
+        )
+    if list(module.weight.shape) != list(shape):
+        raise ValueError(
+            f"{name}: the plan expects weight shape {shape}, "
+            f"the model has {list(module.weight.shape)}"
+        )
+
+
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    inplace: bool = False,
+    init: str = "decompose",
+    progress: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Build the factorized layers of ``plan`` and swap them in by qualified name.
+
+    Args:
+        model: the model the plan was made for (same layer names and shapes).
+        plan: from :func:`decomp.plan` or :meth:`Plan.from_json` (possibly hand-edited).
+        inplace: change ``model`` itself instead of a deep copy.
+        init: "decompose" computes the factors from the weights; "structure" only builds the
+            modules (uninitialised), for loading a saved state_dict.
+        progress: called with each layer's name once it is done.
+
+    Returns:
+        The compressed model; the plans applied to it are in :func:`applied_plans`.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {list(INITS)}")
+    target = model if inplace else copy.deepcopy(model)
+    for lp in plan.decomposed:
+        module = _layer(target, lp.name)
+        _check_fits(module, lp.name, lp.kind, lp.shape)
+        try:
+            method = registry.get(lp.method)
+            make = method.factorize if init == "decompose" else method.build
+            new = make(module, list(lp.ranks))
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{lp.name}: {exc}") from exc
+        new.train(module.training)
+        for name in [lp.name, *lp.aliases]:
+            parent, _, child = name.rpartition(".")
+            setattr(target.get_submodule(parent), child, new)
+        if progress is not None:
+            progress(lp.name)
+    setattr(target, PLANS_ATTR, [*applied_plans(target), plan.to_dict()])
+    return target
+
+
+def applied_plans(model: nn.Module) -> list[dict[str, Any]]:
+    """The plans applied to ``model`` so far, oldest first, as plain dicts."""
+    return list(getattr(model, PLANS_ATTR, []))
+
+
+def recount(model: nn.Module, p: Plan) -> Plan:
+    """``p`` with every cost measured again on ``model``: after a plan's ranks were edited by
+    hand, its per-layer MACs and params (and the totals) describe the edited ranks."""
+    calls = trace_calls(model, p.input_size)
+    layers = []
+    for lp in p.layers:
+        module = _layer(model, lp.name)
+        layer_calls = calls.get(module, [])
+        macs, params = dense_costs(module, layer_calls)
+        after = (macs, params)
+        if lp.method:
+            after = registry.get(lp.method).costs(module, lp.ranks, layer_calls)
+        layers.append(
+            replace(
+                lp,
+                macs_before=macs,
+                macs_after=after[0],
+                params_before=params,
+                params_after=after[1],
+            )
+        )
+    size = tuple(p.input_size)
+    return replace(
+        p, layers=layers, model_macs=count_macs(model, size), model_params=count_params(model)
+    )

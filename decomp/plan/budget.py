@@ -1,0 +1,184 @@
+"""Spending a global MACs budget over the layers' error curves.
+
+Each eligible layer gets an error-versus-rank curve from the singular spectra of its unfoldings
+(one Gram eigendecomposition per mode): the dropped share of the kernel's energy in each mode,
+added over the modes (exact for SVD by Eckart-Young, the HOSVD bound for Tucker-2). The ranks
+walk the method's :class:`~decomp.factorize.registry.RankGrid`, so each layer has one curve, the
+shape that the greedy marginal allocation of :func:`rank_selection.budget.allocate` needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from decomp.factorize.linalg import gram_eigh
+from decomp.factorize.registry import Call, Method, RankGrid
+from decomp.plan.importance import output_damage
+from decomp.plan.model import LayerPlan
+from rank_selection import evbmf_spectrum
+from rank_selection.budget import BudgetLayer, allocate
+
+GRID = 64
+"""About how many points each layer's curve has (a method's grid may be shorter)."""
+NOISE_WEIGHT = 0.01
+"""What a squared singular value below the EVBMF threshold counts for in a MACs budget's error,
+relative to one above it (chosen on the validation split, see docs/budget.md)."""
+PROBES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+"""Fractions of a layer's grid at which a budget with data measures the output damage."""
+
+
+def parse_macs_target(target: float | int | str, model_macs: int) -> int:
+    """A MACs budget: a fraction in (0, 1] of ``model_macs``, or a count (5000000, "5M", "1.2G")."""
+    value: float | int | None = None
+    if isinstance(target, int | float) and not isinstance(target, bool):
+        value = target
+    elif isinstance(target, str):
+        text = target.strip().upper()
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:])
+        try:
+            value = (
+                float(text[:-1]) * scale
+                if scale
+                else (int(text) if text.isdigit() else float(text))
+            )
+        except ValueError:
+            value = None
+    if isinstance(value, float) and 0 < value <= 1:
+        return int(value * model_macs)
+    if value is not None and value >= 1 and float(value).is_integer():
+        return int(value)
+    raise ValueError(
+        f"bad MACs target {target!r}; expected a fraction in (0, 1] like 0.25, "
+        "or a count like 5000000 or 5M"
+    )
+
+
+@dataclass
+class Mode:
+    """The spectrum of one unfolding (dim_i x rest): ``tails[r]`` is the share of the weighted
+    energy beyond the first r singular values (r = 0..dim_i), and ``basis(r)`` gives the
+    leading r left singular vectors."""
+
+    tails: np.ndarray
+    basis: Callable[[int], torch.Tensor]
+
+
+def spectral_mode(matrix: torch.Tensor) -> Mode:
+    """The budget's view of one unfolding. EVBMF splits its spectrum into signal and noise; the
+    noise components count :data:`NOISE_WEIGHT` of their energy, so the allocator spends MACs on
+    what the layer learned before the rest of its random initialisation."""
+    values, vectors, left = gram_eigh(matrix)
+    s2 = values.cpu().numpy()
+    signal = evbmf_spectrum(np.sqrt(s2), tuple(matrix.shape)).rank
+    energy = np.zeros(matrix.shape[0])
+    energy[: len(s2)] = s2
+    total = energy.sum() or 1.0
+    energy[signal:] *= NOISE_WEIGHT
+    kept = energy.sum()
+    tails = np.concatenate([[kept], kept - np.cumsum(energy)]).clip(min=0) / total
+
+    def basis(rank: int) -> torch.Tensor:
+        v = vectors[:, :rank]
+        if left:
+            return v
+        u = matrix.to(v.dtype) @ v  # left vectors from right ones: A v_i = s_i u_i
+        return u / u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
+
+    return Mode(tails, basis)
+
+
+@dataclass
+class Curve:
+    """One eligible layer's options for the allocator: grid step k -> ranks, and the estimated
+    relative squared error there. ``scale`` maps k to a measured weight (damage per unit of
+    estimated error); 1 without data."""
+
+    lp: LayerPlan
+    module: nn.Module
+    method: Method
+    modes: list[Mode]
+    grid: RankGrid
+    scale: Callable[[int], float] = lambda k: 1.0
+
+    def ranks(self, k: int) -> list[int]:
+        return self.grid.ranks(k)
+
+    def spectral_error(self, k: int) -> float:
+        return float(sum(m.tails[r] for m, r in zip(self.modes, self.ranks(k), strict=True)))
+
+    def error(self, k: tuple[int]) -> float:
+        return self.scale(k[0]) * self.spectral_error(k[0])
+
+    def projection(self, k: int) -> torch.Tensor:
+        """The kernel projected on the leading singular vectors of each mode at step k."""
+        weight = self.module.weight.detach()
+        w = weight
+        for i, (mode, rank) in enumerate(zip(self.modes, self.ranks(k), strict=True)):
+            basis = mode.basis(rank)
+            w = torch.tensordot(basis @ basis.T, w.to(basis.dtype).movedim(i, 0), dims=1)
+            w = w.movedim(0, i)
+        return w.to(weight.dtype)
+
+
+def curve(lp: LayerPlan, module: nn.Module, method: Method) -> Curve:
+    """The error curve of ``module`` under ``method``; a ValueError if the method has none."""
+    grid = method.grid(module, GRID)
+    if grid is None:
+        raise ValueError(
+            f"{method.name} has no error curve for a MACs budget; use a method with one or auto"
+        )
+    modes = [spectral_mode(m) for m in method.unfoldings(module.weight.detach())]
+    return Curve(lp, module, method, modes, grid)
+
+
+def budget_ranks(
+    curves: list[Curve], calls: dict[nn.Module, list[Call]], budget: int, model_macs: int
+) -> list[list[int] | None]:
+    """Ranks for the eligible layers that fit ``budget`` MACs with the least estimated error
+    (None: keep the layer dense). The rest of the model's MACs are a fixed cost."""
+    entries = []
+    for c in curves:
+
+        def cost(k: tuple[int], c: Curve = c) -> int:
+            return c.method.costs(c.module, c.ranks(k[0]), calls[c.module])[0]
+
+        entries.append(
+            BudgetLayer(
+                c.lp.name,
+                (c.grid.steps,),
+                cost,
+                c.error,
+                c.lp.macs_before,
+                steps=(c.grid.increment,),
+            )
+        )
+    fixed = model_macs - sum(c.lp.macs_before for c in curves)
+    chosen = allocate(entries, budget, fixed_cost=fixed)
+    return [None if k is None else c.ranks(k[0]) for c, k in zip(curves, chosen, strict=True)]
+
+
+def measure(model: nn.Module, curves: list[Curve], data: Iterable, batches: int) -> None:
+    """Give every curve a measured scale: at the grid points of :data:`PROBES` its kernel alone
+    is replaced by the projection there and the output damage is measured (see
+    :mod:`decomp.plan.importance`); the scale is damage / estimated error, relative to the mean
+    over all probes, interpolated linearly in k between probes and held beyond them. A probe
+    that changes nothing leaves the mean; no scale falls below 1e-3 of it."""
+    points = [sorted({max(1, round(f * c.grid.steps)) for f in PROBES}) for c in curves]
+    layers = [c.module for c, ks in zip(curves, points, strict=True) for _ in ks]
+    probes = [c.projection(k) for c, ks in zip(curves, points, strict=True) for k in ks]
+    damage = iter(output_damage(model, layers, probes, data, batches))
+    ratios = []
+    for c, ks in zip(curves, points, strict=True):
+        errors = [c.spectral_error(k) for k in ks]
+        ratios.append([next(damage) / e if e > 0 else None for e in errors])
+    measured = [r for rs in ratios for r in rs if r is not None]
+    mean = sum(measured) / len(measured) if measured and sum(measured) > 0 else 1.0
+    for c, ks, rs in zip(curves, points, ratios, strict=True):
+        values = [1.0 if r is None else max(r / mean, 1e-3) for r in rs]
+        c.scale = lambda k, ks=ks, vs=values: float(np.interp(k, ks, vs))
+        c.lp.importance = float(np.mean(values))
