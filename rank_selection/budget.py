@@ -32,7 +32,8 @@ class BudgetLayer:
         error: ranks -> damage estimate (e.g. relative squared reconstruction error).
         dense_cost: cost of leaving the layer as it is (error 0).
         weight: importance multiplier on the error.
-        steps: rank increment per mode (coarser steps make big layers faster to allocate).
+        steps: rank increment per mode (coarser steps make big layers faster to allocate);
+            None moves one rank at a time.
     """
 
     name: str
@@ -107,7 +108,7 @@ def _push_moves(heap: list, layers: Sequence[BudgetLayer], ranks: list, i: int) 
     """Queue one step up in each mode of layer ``i``, and going dense, keyed by the error drop
     per added cost (best first)."""
     lay, current = layers[i], ranks[i]
-    steps = lay.steps or tuple(max(1, m // 64) for m in lay.max_ranks)
+    steps = lay.steps or (1,) * len(lay.max_ranks)
     err, cost = lay.error(current), lay.cost(current)
     moves = [DENSE]
     for k, (r, top, step) in enumerate(zip(current, lay.max_ranks, steps, strict=True)):
