@@ -8,6 +8,7 @@ modules and swaps them in by qualified name. The pieces:
 - :mod:`~decomp.plan.model`: Plan and LayerPlan, plain data with a JSON round trip;
 - :mod:`~decomp.plan.trace`: the traced forward pass and the dense costs;
 - :mod:`~decomp.plan.policy`: which layers, which method, is it worth it;
+- :mod:`~decomp.plan.forwards`: conv subclasses whose forward decomp can carry over;
 - :mod:`~decomp.plan.budget`: spending a MACs budget over the layers' error curves;
 - :mod:`~decomp.plan.importance`: measured output damage per layer;
 - :mod:`~decomp.plan.apply`: the surgery, and recounting an edited plan.
@@ -23,7 +24,7 @@ from torch import nn
 from decomp._utils import check_input_size
 from decomp.factorize import registry
 from decomp.metrics import count_macs, count_params
-from decomp.plan import budget, policy
+from decomp.plan import budget, forwards, policy
 from decomp.plan.apply import applied_plans, apply, recount
 from decomp.plan.model import PLAN_FORMAT, LayerPlan, Plan, Skip
 from decomp.plan.policy import select_ranks
@@ -114,11 +115,15 @@ def plan(
         elif module not in calls:
             lp.skip_as(Skip.NOT_CALLED, "not called in the forward pass")
         else:
+            lp.pad, custom = forwards.recognise(module, calls[module][0])
             chosen, skip, reason = policy.method_for(module, method)
-            if chosen is None:
+            if custom:
+                lp.skip_as(Skip.CUSTOM_FORWARD, custom)
+            elif chosen is None:
                 lp.skip_as(skip, reason)
             else:
                 eligible.append((lp, module, chosen))
+                calls[module] = forwards.padded_calls(module, lp.pad, calls[module])
     model_macs = count_macs(model, tuple(input_size))
     if target_macs is None:
         ranks = [select_ranks(module, chosen, spec) for _, module, chosen in eligible]

@@ -15,7 +15,9 @@ from typing import Any
 from torch import nn
 
 from decomp.factorize import registry
+from decomp.factorize.padding import Padded, pad_module
 from decomp.metrics import count_macs, count_params
+from decomp.plan.forwards import padded_calls
 from decomp.plan.model import Plan
 from decomp.plan.trace import dense_costs, trace_calls
 
@@ -73,6 +75,8 @@ def apply(
             method = registry.get(lp.method)
             make = method.factorize if init == "decompose" else method.build
             new = make(module, list(lp.ranks))
+            if lp.pad is not None:
+                new = Padded(pad_module(lp.pad, module), new)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{lp.name}: {exc}") from exc
         new.train(module.training)
@@ -101,7 +105,8 @@ def recount(model: nn.Module, p: Plan) -> Plan:
         macs, params = dense_costs(module, layer_calls)
         after = (macs, params)
         if lp.method:
-            after = registry.get(lp.method).costs(module, lp.ranks, layer_calls)
+            seen = padded_calls(module, lp.pad, layer_calls)
+            after = registry.get(lp.method).costs(module, lp.ranks, seen)
         layers.append(
             replace(
                 lp,

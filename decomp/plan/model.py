@@ -58,6 +58,10 @@ class LayerPlan:
     output damage per unit of estimated error, relative to the mean over every layer's probes;
     see :mod:`decomp.plan.importance`). None otherwise."""
     skip: Skip | None = None
+    pad: str | list[int] | None = None
+    """Zero padding the layer did in its own forward, carried over in front of its factorized
+    module: "same" (TensorFlow's, computed per input) or fixed [left, right, top, bottom]; None
+    for a plain layer (see :mod:`decomp.plan.forwards`)."""
 
     def __post_init__(self) -> None:
         if self.skip is not None:
