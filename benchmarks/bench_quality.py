@@ -1,7 +1,7 @@
 """What decomposition costs in macro F1 for what it saves in MACs, on baselines trained by decomp.
 
 For each model (torchvision resnet18 and shufflenet_v2_x0_5, trained from scratch on
-Fashion-MNIST at 3x32x32 with the recipe of :func:`decomp.pipeline.train_baseline`, cached on
+Fashion-MNIST at 3x32x32 with the recipe of :func:`decomp.recipes.train_baseline`, cached on
 disk):
 
 - a sweep of method (tucker, cp, svd, auto) x rank strategy (vbmf, vbmf:0.6, ratio:0.25,
@@ -14,7 +14,7 @@ disk):
   the target-macs row's within 2 %;
 - each decomposition then goes through batch-norm re-estimation (:func:`decomp.train.calibrate`,
   30 training batches, no gradient step) and every fine-tuning budget (0 and 1 epochs by default;
-  distillation from the baseline, :func:`decomp.pipeline.finetune`). Fine-tuning keeps the epoch
+  distillation from the baseline, :func:`decomp.recipes.finetune`). Fine-tuning keeps the epoch
   with the best validation F1 (epoch 0 = the calibrated start); every F1 in a row is measured on
   the test split, every choice is made on the validation split.
 
@@ -25,7 +25,7 @@ series it belongs to, notes). MACs are thop's count (``decomp.metrics.count_macs
 plan and the goals use; ``competition_score`` uses the organizers' ptflops count.
 
 Baselines are cached as decomp files under ``runs/bench/<model>/baseline.pt`` (reused only when
-their settings match, :func:`decomp.pipeline._cached_baseline`); resnet18 reuses
+their settings match, :func:`decomp.recipes.cached_baseline`); resnet18 reuses
 ``runs/demo/baseline.pt`` when the demo trained it with the same settings. The results file is
 rewritten after every decomposition, and a later run with the same settings skips the rows it
 already holds (``--fresh`` recomputes them), so a long run can be stopped and continued.
@@ -62,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     REPO,
     RESULTS_DIR,
     Column,
+    apply_within_budget,
     make_meta,
     read_results,
     render_meta,
@@ -89,7 +90,7 @@ RANKS = ("vbmf", "vbmf:0.6", "ratio:0.25", "ratio:0.125", "energy:0.9")
 BUDGETS = (1 / 4, 1 / 8, 1 / 16)
 BUDGET_METHOD = "auto"
 IMPORTANCE_BATCHES = 4
-"""Training batches on which the budgeted rows measure layer importance (decomp.importance)."""
+"""Training batches on which the budgeted rows measure layer importance (decomp.plan.importance)."""
 FINETUNE_EPOCHS = (0, 1)
 GOAL_MODEL = "resnet18"
 GOALS = ((4.0, 0.5), (8.0, 1.5))
@@ -276,8 +277,8 @@ def load_bundle(config: Config) -> Any:
 
 
 def _demo_config(config: Config, model: str, output_dir: Path) -> Any:
-    """The pipeline's baseline settings for ``model`` (the demo's cache logic reads them)."""
-    from decomp.pipeline import DemoConfig
+    """The demo's baseline settings for ``model`` (the demo's cache logic reads them)."""
+    from decomp.demo import DemoConfig
 
     return DemoConfig(
         output_dir=str(output_dir),
@@ -297,20 +298,21 @@ def _demo_config(config: Config, model: str, output_dir: Path) -> Any:
 
 def get_baseline(config: Config, model: str, bundle: Any, device: torch.device) -> tuple:
     """The trained baseline and where it came from: the demo's, this cache's, or trained now."""
-    from decomp import pipeline
+    from decomp.demo import demo_baseline
+    from decomp.recipes import baseline_config, cached_baseline
 
     if config.demo_baseline and model == "resnet18":
         demo = _demo_config(config, model, Path(config.demo_baseline).parent)
         fields = ("arch", "arch_kwargs", "data", "input_size", "epochs", "batch_size", "lr")
-        key = pipeline.baseline_config(
+        key = baseline_config(
             *(getattr(demo, f) for f in fields), demo.seed, demo.train_subset, demo.val_split
         )
-        found = pipeline._cached_baseline(Path(config.demo_baseline), key, retrain=False)
+        found = cached_baseline(Path(config.demo_baseline), key, retrain=False)
         if found is not None:
             where = shown_path(config.demo_baseline)
             return found.to(device), f"reused {where} (the demo's; same settings)"
     cfg = _demo_config(config, model, Path(config.cache_dir) / model)
-    net, reused = pipeline._baseline(cfg, bundle, device)
+    net, reused = demo_baseline(cfg, bundle, device)
     where = shown_path(Path(cfg.output_dir) / "baseline.pt")
     return net, f"{'reused' if reused else 'trained'} {where}"
 
@@ -336,18 +338,19 @@ def _latency_ms(metrics: Mapping[str, Any], batch: int) -> float | None:
 
 def measure_baseline(config: Config, model: str, bundle: Any, device: torch.device) -> ModelContext:
     """Train or load the baseline and measure it once (test F1, validation F1, costs)."""
-    from decomp import pipeline
+    from decomp.checkpoint import model_meta
+    from decomp.evaluate import evaluate, val_f1
 
     net, source = get_baseline(config, model, bundle, device)
-    metrics = pipeline.evaluate(net, bundle, latency=True, latency_repeats=config.latency_repeats)
-    training = pipeline._model_meta(net).get("extra", {}).get("training", {})
+    metrics = evaluate(net, bundle, latency=True, latency_repeats=config.latency_repeats)
+    training = model_meta(net).get("extra", {}).get("training", {})
     epochs = len([h for h in training.get("history") or [] if h.get("epoch")])
     base = {
         "model": model,
         "arch": MODEL_ARCHS[model],
         "source": source,
         "f1": metrics["f1"],
-        "val_f1": pipeline._val_f1(net, bundle),
+        "val_f1": val_f1(net, bundle),
         "accuracy": metrics["accuracy"],
         "test_split": metrics["split"],
         "macs": metrics["macs"],
@@ -467,13 +470,12 @@ def plan_job(ctx: ModelContext, job: Job) -> tuple[Any, dict[str, Any]]:
 
 def apply_job(ctx: ModelContext, job: Job, p: Any) -> tuple[nn.Module, list[str]]:
     """The decomposed copy of the baseline; CP layer by layer within ``cp_budget_s``."""
-    from benchmarks.bench_speed import _apply_with_budget
     from decomp.plan import apply
 
     if job.method != "cp":
         return apply(ctx.baseline, p), []
     net = copy.deepcopy(ctx.baseline)
-    done, failed, hit = _apply_with_budget(net, p, ctx.config.cp_budget_s)
+    done, failed, hit = apply_within_budget(net, p, ctx.config.cp_budget_s)
     notes = [f"CP failed on {f['layer']} (kept dense): {f['error']}" for f in failed]
     if hit:
         notes.append(
@@ -517,27 +519,26 @@ def _common_fields(ctx: ModelContext, job: Job, p: Any, info: Mapping[str, Any])
 
 def decompose_and_calibrate(ctx: ModelContext, job: Job) -> tuple[nn.Module, dict[str, Any]]:
     """Plan, decompose, score before and after batch-norm re-estimation, measure the costs."""
-    from decomp import pipeline
     from decomp.batchnorm import calibrate
+    from decomp.evaluate import evaluate, quick_scores, val_f1
+    from decomp.seeding import seed_loader
 
     start = time.perf_counter()
     p, info = plan_job(ctx, job)
     net, notes = apply_job(ctx, job, p)
     net.to(ctx.device)
     decompose_s = time.perf_counter() - start
-    before = pipeline._quick_scores(net, ctx.bundle)
+    before = quick_scores(net, ctx.bundle)
     start = time.perf_counter()
-    pipeline._seed_loader(ctx.bundle.train_loader, ctx.config.seed)
+    seed_loader(ctx.bundle.train_loader, ctx.config.seed)
     calibrate(net, ctx.bundle.train_loader, batches=ctx.config.calibration_batches)
     calibrate_s = time.perf_counter() - start
-    metrics = pipeline.evaluate(
-        net, ctx.bundle, latency=True, latency_repeats=ctx.config.latency_repeats
-    )
+    metrics = evaluate(net, ctx.bundle, latency=True, latency_repeats=ctx.config.latency_repeats)
     fields = _common_fields(ctx, job, p, info) | {
         "f1_before_finetune": before["f1"],
         "val_f1_before_finetune": before["val_f1"],
         "f1_after_calibration": metrics["f1"],
-        "val_f1_after_calibration": pipeline._val_f1(net, ctx.bundle),
+        "val_f1_after_calibration": val_f1(net, ctx.bundle),
         "macs": metrics["macs"],
         "macs_competition": metrics["macs_competition"],
         "params": metrics["params"],
@@ -556,7 +557,7 @@ def finetuned_row(
 ) -> dict[str, Any]:
     """The row for one fine-tuning budget (0: the calibrated model as it is)."""
     from decomp.metrics import competition_score
-    from decomp.pipeline import finetune
+    from decomp.recipes import finetune
 
     row = dict(fields)
     start = time.perf_counter()
@@ -711,14 +712,14 @@ def _notes(config: Config) -> list[str]:
         + "; every choice (fine-tuning epoch, the goal rows) by the validation split.",
         "MACs: thop (decomp.metrics.count_macs), batch 1, as the plan counts them; "
         "competition_score: the organizers' ptflops MACs and the published constants.",
-        f"Batch-norm re-estimation: decomp.train.calibrate on {config.calibration_batches} "
+        f"Batch-norm re-estimation: decomp.calibrate on {config.calibration_batches} "
         "training batches, no gradient step, before every fine-tuning. Fine-tuning: "
-        f"decomp.pipeline.finetune, distillation from the baseline, SGD, cosine, lr "
+        f"decomp.recipes.finetune, distillation from the baseline, SGD, cosine, lr "
         f"{config.finetune_lr:g}; the best validation epoch is kept (epoch 0 = calibrated).",
         f"Budgeted rows (method {BUDGET_METHOD}): target-macs:X through decomp.plan's "
         "target_macs from the spectra alone; target-macs+importance also passes "
         f"{IMPORTANCE_BATCHES} training batches as data, so that each layer's error is weighted "
-        "by its measured output damage (decomp.importance); the ratio:F and vbmf:WF rows "
+        "by its measured output damage (decomp.plan.importance); the ratio:F and vbmf:WF rows "
         "beside them have F / WF bisected on plan() MACs to within "
         f"{config.match_tolerance:.0%} of the target-macs row's MACs.",
         f"CP: planned layers are factorized in model order until {config.cp_budget_s:g} s "
@@ -1070,7 +1071,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    from decomp.pipeline import DEMO_FINETUNE_LR
+    from decomp.recipes import FINETUNE_LR
 
     tiny = args.tiny
     cache = args.cache or REPO / "runs" / "bench"
@@ -1091,7 +1092,7 @@ def make_config(args: argparse.Namespace) -> Config:
         epochs=pick(args.epochs, 2, BASELINE_EPOCHS),
         batch_size=16 if tiny else 128,
         lr=0.05 if tiny else 0.1,
-        finetune_lr=DEMO_FINETUNE_LR,
+        finetune_lr=FINETUNE_LR,
         seed=0,
         train_subset=pick(args.train_subset, 512, None),
         val_split=256 if tiny else None,

@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     Column,
     MemoryProbe,
+    apply_within_budget,
     make_meta,
     ratio,
     read_results,
@@ -247,29 +248,6 @@ def task_original(
     return row
 
 
-def _apply_with_budget(
-    net: nn.Module, plan: Any, budget_s: float | None
-) -> tuple[list[str], list[dict[str, str]], bool]:
-    """Apply ``plan`` one layer at a time (in place) until ``budget_s`` is spent.
-
-    Returns:
-        (names done, [{"layer", "error"}] for layers whose factorization failed, budget hit).
-    """
-    from decomp.plan import apply
-
-    done, failed, start = [], [], time.perf_counter()
-    for lp in plan.decomposed:
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            return done, failed, True
-        try:
-            apply(net, dataclasses.replace(plan, layers=[lp]), inplace=True)
-        except ValueError as exc:  # CP-ALS divergence is a ValueError naming the layer
-            failed.append({"layer": lp.name, "error": str(exc)})
-            continue
-        done.append(lp.name)
-    return done, failed, False
-
-
 def _decompose(
     net: nn.Module, method: str, rank: str, input_size: list[int], cp_budget_s: float | None
 ) -> dict[str, Any]:
@@ -281,7 +259,7 @@ def _decompose(
     if method == "cp":  # budgeted: plan, then apply layer by layer
         plan = make_plan(net, method, rank, input_size)
         plan_s = time.perf_counter() - start
-        done, failed, hit = _apply_with_budget(net, plan, cp_budget_s)
+        done, failed, hit = apply_within_budget(net, plan, cp_budget_s)
         plan_dict = plan.to_dict()
     else:
         decompose(net, method, rank, input_size, inplace=True)
@@ -686,7 +664,8 @@ def _cp_summary(rows: list[dict[str, Any]], n_layers: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def _row_columns(batch_sizes: Sequence[int]) -> list[Column]:
+def row_columns(batch_sizes: Sequence[int]) -> list[Column]:
+    """The columns of the per-model-and-method table, with latency columns per batch size."""
     cols = [
         Column("model"),
         Column("method"),
@@ -767,7 +746,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         render_meta(result["meta"]),
         "## Models and methods",
         "",
-        render_table(result["rows"], _row_columns(config["batch_sizes"])),
+        render_table(result["rows"], row_columns(config["batch_sizes"])),
         f"Latency goal: speed-up / MACs cut >= {LATENCY_GOAL} at every batch size.",
         "",
         "## Tucker-2 at equal ranks: decomp vs tensorly vs tensorly-torch",

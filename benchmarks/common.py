@@ -24,23 +24,25 @@ kept by the allocator can hide part of a later peak, so measure one section per 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import math
 import multiprocessing as mp
-import os
-import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from decomp._utils import atomic_write_text, plain
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from decomp.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -54,35 +56,16 @@ _CONTEXT: Any = None
 
 
 def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries the benchmarks compare, read without importing them.
+    """Installed versions of the libraries the benchmarks use and compare, read without importing
+    them: decomp's environment record plus tensorly-torch (importing it would switch tensorly's
+    global backend as a side effect)."""
+    from decomp._utils import versions
 
-    (Importing tensorly-torch would switch tensorly's global backend as a side effect.)
-    """
-    names = {
-        "torch": "torch",
-        "torchvision": "torchvision",
-        "tensorly": "tensorly",
-        "tltorch": "tensorly-torch",
-        "decomp": "decomp",
-        "numpy": "numpy",
-        "thop": "ultralytics-thop",
-    }
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for key, dist in names.items():
-        try:
-            versions[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[key] = None
-    return versions
-
-
-def _cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else platform.processor()."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    try:
+        tltorch = metadata.version("tensorly-torch")
+    except metadata.PackageNotFoundError:
+        tltorch = None
+    return {**versions(), "tltorch": tltorch}
 
 
 def _git_commit() -> str | None:
@@ -103,23 +86,13 @@ def _git_commit() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU, core counts, torch's thread count, accelerator name and load at start."""
-    import torch
+    """decomp's machine record (platform, CPU model and counts, torch threads, CUDA device, load,
+    UTC time) plus ``cuda_available`` and ``device_name`` (the GPU's name, else the CPU's)."""
+    from decomp._utils import machine
 
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-        "device_name": _cpu_name(),
-    }
-    if torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name(0)
-    with contextlib.suppress(OSError, AttributeError):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
+    info = machine()
+    gpu = info["cuda"]
+    return {**info, "cuda_available": gpu is not None, "device_name": gpu or info["cpu"]}
 
 
 def shown_path(path: str | Path) -> str:
@@ -131,11 +104,12 @@ def shown_path(path: str | Path) -> str:
 
 def make_meta(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """The ``meta`` block: config, versions, machine, UTC timestamp, git commit, command line."""
+    machine = machine_info()
     return {
         "config": dict(config),
         "versions": library_versions(),
-        "machine": machine_info(),
-        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "timestamp": machine["timestamp"],
         "git_commit": _git_commit(),
         "argv": [shown_path(a) for a in sys.argv],
         **extra,
@@ -145,42 +119,12 @@ def make_meta(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    """Turn NaN/inf into None (JSON has no such numbers) and tuples into lists, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _jsonable(value.item())
-    return value
-
-
 def write_results(
     path: str | Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], **sections: Any
 ) -> dict[str, Any]:
     """Write ``{"meta", "rows", **sections}`` to ``path`` atomically; return what was written."""
-    payload = _jsonable({"meta": meta, "rows": list(rows), **sections})
-    _atomic_write(Path(path), json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    payload = plain({"meta": meta, "rows": list(rows), **sections})
+    atomic_write_text(path, json.dumps(payload, indent=1, allow_nan=False) + "\n", parents=True)
     return payload
 
 
@@ -191,7 +135,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a rendered report atomically."""
-    _atomic_write(Path(path), text)
+    atomic_write_text(path, text, parents=True)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -403,6 +347,32 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def apply_within_budget(
+    net: nn.Module, plan: Plan, budget_s: float | None
+) -> tuple[list[str], list[dict[str, str]], bool]:
+    """Apply ``plan`` one layer at a time (in place, in model order) until ``budget_s`` is spent.
+
+    CP-ALS on large layers can take minutes; a benchmark row with a time budget factorizes what
+    fits and leaves the rest dense (and says so).
+
+    Returns:
+        ``(names done, [{"layer", "error"}] for layers whose factorization failed, budget hit)``.
+    """
+    from decomp.plan import apply
+
+    done, failed, start = [], [], time.perf_counter()
+    for lp in plan.decomposed:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            return done, failed, True
+        try:
+            apply(net, replace(plan, layers=[lp]), inplace=True)
+        except ValueError as exc:  # CP-ALS divergence is a ValueError naming the layer
+            failed.append({"layer": lp.name, "error": str(exc)})
+            continue
+        done.append(lp.name)
+    return done, failed, False
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -242,7 +242,7 @@ def speed_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
     keys = ["model", "method", "status", "decompose_s", "peak_delta_mb", "macs_reduction"]
     keys += [f"latency_speedup_b{b}" for b in batches]
     keys += [f"latency_efficiency_b{b}" for b in batches]
-    columns = _keep(bench_speed._row_columns(batches), keys)
+    columns = _keep(bench_speed.row_columns(batches), keys)
     columns += [Column("meets_latency_goal", f"meets {goal:g}", _yes_no), Column("note")]
     rows = [r for r in result.get("rows", []) if r.get("method") != "original"]
     judged = [r for r in rows if r.get("meets_latency_goal") is not None]

@@ -37,14 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from decomp._utils import (
-    atomic_write,
-    atomic_write_text,
-    batch_images,
-    check_choice,
-    model_device,
-    training_flags,
-)
+from decomp._utils import atomic_write, atomic_write_text, check_choice, training_flags
 from decomp.distributed import (
     barrier,
     broadcast_buffers,
@@ -599,21 +592,3 @@ def _evaluate_start(run: _Run, val_loader: Iterable | None, config: TrainConfig)
     metrics = _validate(run, val_loader)
     _record(run, None, metrics, time.perf_counter() - start)
     _log_epoch(run, config)
-
-
-# --------------------------------------------------------------------------------------------------
-# TEMPORARY: decomp.importance still imports these four; it moves to decomp._utils (batch_images,
-# model_device, training_flags) in the lead's change, and then this block goes.
-# --------------------------------------------------------------------------------------------------
-
-_batch_images = batch_images
-_model_device = model_device
-
-
-def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(module, module.training) for module in model.modules()]
-
-
-def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
-    for module, mode in flags:
-        module.training = mode

@@ -1,4 +1,5 @@
-"""Tests of the command line: decompose (also standalone), inspect, export, and every bad input."""
+"""decomp.cli.compress: decompose (also standalone), inspect, export, and every bad input; the
+apps, console scripts and exit codes."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from torch import nn
 from typer.testing import CliRunner, Result
 
 import decomp
-from decomp import checkpoint, cli
+from decomp import checkpoint
 from decomp.checkpoint import load
 from decomp.cli import app, decompose_app
+from decomp.recipes import compression
 from tests.conftest import REPO, tiny_net
 
 TINY = ["--arch", "tests.conftest:TinyNet", "--input-size", "3,16,16"]
@@ -573,7 +575,7 @@ def test_interrupt_leaves_no_file(tiny_sd: Path, monkeypatch: pytest.MonkeyPatch
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "apply", interrupted)
+    monkeypatch.setattr(compression, "apply", interrupted)
     before = _files(tiny_sd.parent)
     result = run(tiny_sd, *TINY, "--rank", "0.5")
     assert result.exit_code == 130
@@ -585,7 +587,7 @@ def test_unexpected_errors_are_one_line_too(tiny_sd: Path, monkeypatch: pytest.M
     def broken(*args: object, **kwargs: object) -> None:
         raise IndexError("list index out of range")
 
-    monkeypatch.setattr(cli.checkpoint, "load", broken)
+    monkeypatch.setattr(checkpoint, "load", broken)
     result = run(tiny_sd, *TINY, "--rank", "0.5")
     assert_one_line_error(result, "IndexError: list index out of range", "DECOMP_DEBUG=1")
     monkeypatch.setenv("DECOMP_DEBUG", "1")

@@ -1,0 +1,222 @@
+"""The commands that train or measure: ``train``, ``finetune``, ``evaluate`` and ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from decomp import checkpoint
+from decomp._utils import parse_input_size
+from decomp.cli.common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DataOpt,
+    InputSizeOpt,
+    JsonOpt,
+    Method,
+    ModelArg,
+    TrustPickleOpt,
+    VerboseOpt,
+    command,
+    input_size_of,
+    load_model,
+    out,
+    print_json,
+    say,
+)
+from decomp.cli.render import demo_table, evaluation_table
+from decomp.demo import (
+    DEMO_EPOCHS,
+    DEMO_FINETUNE_EPOCHS,
+    DEMO_METHOD,
+    DEMO_OUTPUT_DIR,
+    DEMO_RANK,
+    run_demo,
+)
+from decomp.evaluate import evaluate
+from decomp.metrics import BASELINE_F1, BASELINE_MACS
+from decomp.recipes import (
+    BASELINE_EPOCHS,
+    CALIBRATION_BATCHES,
+    DEFAULT_ARCH,
+    DEFAULT_BASELINE_OUTPUT,
+    DEFAULT_DATA,
+    DEFAULT_INPUT_SIZE,
+    FINETUNE_EPOCHS,
+    finetune,
+    train_baseline,
+)
+from rank_selection import parse_rank_spec
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Training epochs.")]
+_INPUT_SIZE_TEXT = ",".join(map(str, DEFAULT_INPUT_SIZE))
+_DEMO_METHOD = Method(DEMO_METHOD)
+
+
+def _report(record: dict, test: dict | None, json_output: bool, title: str, path: Path) -> None:
+    if json_output:
+        print_json(record)
+        return
+    if test is not None:
+        out.print(evaluation_table(test, title=f"{title}: test split"))
+    say(f"wrote {path}")
+
+
+def train_command(
+    arch: Annotated[
+        str, typer.Option("--arch", metavar="MODULE:FACTORY", help="The model to train.")
+    ] = DEFAULT_ARCH,
+    arch_kwargs: ArchKwargsOpt = None,
+    data: DataOpt = DEFAULT_DATA,
+    epochs: EpochsOpt = BASELINE_EPOCHS,
+    input_size: InputSizeOpt = _INPUT_SIZE_TEXT,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help=f"Default: {DEFAULT_BASELINE_OUTPUT}."),
+    ] = None,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a baseline from scratch and save it as a decomp file (input size, class names)."""
+    with command(verbose):
+        size = parse_input_size(input_size)
+        if output is None:
+            output = Path(DEFAULT_BASELINE_OUTPUT)
+            output.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.check_output_path(output)
+        outcome = train_baseline(
+            arch, arch_kwargs, data, size, epochs, output, progress=not json_output
+        )
+        _report(outcome.to_dict(), outcome.test, json_output, f"trained {arch}", output)
+
+
+def finetune_command(
+    model: ModelArg,
+    data: DataOpt = DEFAULT_DATA,
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", metavar="ORIGINAL", help="Distil from this model (KD)."),
+    ] = None,
+    epochs: EpochsOpt = FINETUNE_EPOCHS,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="Default: <stem>_ft.pt."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint of a killed run.")
+    ] = False,
+    calibrate_batches: Annotated[
+        int,
+        typer.Option(
+            "--calibrate-batches",
+            min=0,
+            help="Re-estimate batch-norm statistics on this many batches before training, "
+            "unless the file says that was done.",
+        ),
+    ] = CALIBRATION_BATCHES,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune a (decomposed) model from its own weights; distil from --teacher if given.
+
+    Under torchrun (``torchrun --nproc_per_node N -m decomp finetune ...``) every process trains
+    its shard of the data and rank 0 writes the file.
+    """
+    with command(verbose):
+        checkpoint.check_input_path(model)
+        target = output or model.with_name(f"{model.stem}_ft.pt")
+        checkpoint.check_output_path(target, source=model)
+        net = load_model(model, arch, arch_kwargs, trust_pickle)
+        size = input_size_of(None, net, model)
+        teacher_net = None if teacher is None else load_model(teacher, None, None, trust_pickle)
+        outcome = finetune(
+            net,
+            data,
+            teacher=teacher_net,
+            epochs=epochs,
+            output=target,
+            resume=resume,
+            input_size=size,
+            progress=not json_output,
+            calibrate_batches=calibrate_batches,
+        )
+        _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
+
+
+def evaluate_command(
+    model: ModelArg,
+    data: DataOpt = DEFAULT_DATA,
+    input_size: InputSizeOpt = None,
+    latency: Annotated[
+        bool, typer.Option("--latency/--no-latency", help="Time batch 1 and 64 forwards.")
+    ] = True,
+    baseline_macs: Annotated[
+        int, typer.Option("--baseline-macs", help="Competition score: the baseline's MACs.")
+    ] = BASELINE_MACS,
+    baseline_f1: Annotated[
+        float, typer.Option("--baseline-f1", help="Competition score: the baseline's F1.")
+    ] = BASELINE_F1,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Macro F1, accuracy, per-class F1, MACs (thop and ptflops), params, latency, score."""
+    with command(verbose):
+        size = parse_input_size(input_size)
+        checkpoint.check_input_path(model)
+        net = load_model(model, arch, arch_kwargs, trust_pickle)
+        size = input_size_of(size, net, model)
+        metrics = evaluate(
+            net,
+            data,
+            size,
+            latency=latency,
+            baseline_macs=baseline_macs,
+            baseline_f1=baseline_f1,
+        )
+        if json_output:
+            print_json(metrics)
+        else:
+            out.print(evaluation_table(metrics, title=f"{model} on {data}"))
+
+
+def demo_command(
+    output_dir: Annotated[Path, typer.Option("--output-dir", metavar="DIR")] = Path(
+        DEMO_OUTPUT_DIR
+    ),
+    epochs: EpochsOpt = DEMO_EPOCHS,
+    finetune_epochs: Annotated[
+        int, typer.Option("--finetune-epochs", min=0)
+    ] = DEMO_FINETUNE_EPOCHS,
+    method: Annotated[Method, typer.Option("--method", "-m")] = _DEMO_METHOD,
+    rank: Annotated[str, typer.Option("--rank", metavar="SPEC")] = DEMO_RANK,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train the baseline again even if one is cached.")
+    ] = False,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fashion-MNIST end to end: train (or reuse) ResNet-18, decompose, calibrate, fine-tune."""
+    with command(True if not json_output else verbose):
+        parse_rank_spec(rank)
+        results: dict[str, Any] = run_demo(
+            output_dir,
+            epochs,
+            finetune_epochs,
+            rank,
+            method.value,
+            retrain=retrain,
+            progress=not json_output,
+        )
+        if json_output:
+            print_json(results)
+        else:
+            out.print(demo_table(results))
+            say(f"results in {Path(output_dir) / 'results.json'}")
