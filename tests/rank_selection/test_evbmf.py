@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rank_selection import EVBMFResult, evbmf, evbmf_spectrum
+from rank_selection import NOISE_Z, EVBMFResult, evbmf, evbmf_spectrum, noise_z_scores
 from rank_selection.vbmf import evb_tau, singular_values
 
 SCALES = [1e-6, 1e-3, 1.0, 1e3]
@@ -139,12 +139,102 @@ def test_small_matrices_do_not_crash(shape: tuple[int, int]) -> None:
         assert math.isfinite(result.sigma2) and result.sigma2 >= 0
 
 
-def test_zero_matrix_and_flat_spectrum_give_rank_zero() -> None:
+def test_zero_matrix_and_tiny_flat_spectrum_give_rank_zero() -> None:
     zero = evbmf(np.zeros((8, 12)))
     assert (zero.rank, zero.sigma2, zero.threshold) == (0, 0.0, 0.0)
+    # Five equal values: the flattest spectrum there is, yet z = -(5 + 1) / 2 = -3 is within
+    # NOISE_Z: too few values to tell a plateau of signal from noise, so EVB's 0 stands.
     flat = evbmf_spectrum(np.full(5, 3.0), (5, 9))
-    assert flat.rank == 0
+    assert flat.rank == flat.evb_rank == 0
+    assert flat.noise_z == pytest.approx(-3.0)
     assert flat.sigma2 == pytest.approx(9.0 / 9)  # sum s^2 / (L M) = 5 * 9 / 45
+
+
+def with_spectrum(rows: int, cols: int, s: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``rows x cols`` with singular values ``s`` and random singular vectors, no noise."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, s.size)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, s.size)))
+    return (u * s) @ v.T
+
+
+def test_noise_z_scores_follow_the_formula() -> None:
+    # s = (2, 1) of a 2x10 matrix: x = (4, 1), U = 2 * 17 / 25 - 1 = 0.36, z = (10 U - 3) / 2.
+    z = noise_z_scores(np.array([1.0, 2.0]), (10, 2))
+    assert z == pytest.approx([(10 * 0.36 - 3) / 2, (9 * 0.0 - 2) / 2])
+    assert noise_z_scores(np.zeros(3), (3, 7)).tolist() == [0.0, 0.0, 0.0]
+    assert noise_z_scores([4.0, 0.0, 0.0], (3, 7))[1] == 0.0  # nothing left: nothing to reject
+    s = np.linspace(5.0, 1.0, 16)
+    np.testing.assert_allclose(noise_z_scores(1e-3 * s, (96, 16)), noise_z_scores(s, (16, 96)))
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(16, 48), (8, 200), (40, 40)])
+def test_noise_z_scores_are_standard_on_noise(rows: int, cols: int) -> None:
+    rng = np.random.default_rng(rows + cols)
+    z = np.array(
+        [
+            noise_z_scores(np.linalg.svd(rng.standard_normal((rows, cols)), compute_uv=False),
+                           (rows, cols))[0]
+            for _ in range(300)
+        ]
+    )  # fmt: skip
+    assert abs(z.mean()) < 0.35 and 0.8 < z.std() < 1.2
+    assert np.mean(np.abs(z) > NOISE_Z) < 0.01
+
+
+@pytest.mark.parametrize("shape", [(16, 96), (96, 16), (40, 144), (128, 512)])
+@pytest.mark.parametrize("ratio", [1.0, 1.5])
+def test_spectrum_flatter_than_noise_is_full_rank_signal(
+    shape: tuple[int, int], ratio: float
+) -> None:
+    # ratio 1: a semi-orthogonal matrix. Noise of these shapes spreads its singular values by
+    # (1 + sqrt(L/M)) / (1 - sqrt(L/M)) = 2.4 to 3.7, so a spread of 1.5 cannot be noise.
+    y = with_spectrum(*shape, np.linspace(ratio, 1.0, min(shape)))
+    raw = evbmf(y, check=False)
+    assert raw.rank == 0  # the cause: a flat spectrum gives EVB nothing to call signal
+    checked = evbmf(y)
+    assert checked.evb_rank == 0 and checked.noise_z < -NOISE_Z
+    assert checked.rank == min(shape)
+    assert evbmf(y.T).rank == evbmf(1e-4 * y).rank == min(shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ratio", "raw_rank", "at_least"),
+    [((16, 96), 5.0, 2, 10), ((96, 16), 5.0, 2, 10), ((24, 144), 5.0, 2, 16)],
+)
+def test_smoothly_decaying_spectrum_is_not_cut_to_its_top(
+    shape: tuple[int, int], ratio: float, raw_rank: int, at_least: int
+) -> None:
+    # A linear spectrum (no bulk, no noise): EVB keeps its top values and calls the rest noise,
+    # which is more spread than noise of that shape; the check keeps adding values until what is
+    # left could be noise.
+    y = with_spectrum(*shape, np.linspace(ratio, 1.0, min(shape)))
+    checked = evbmf(y)
+    assert checked.evb_rank == evbmf(y, check=False).rank == raw_rank
+    assert checked.noise_z > NOISE_Z
+    assert checked.rank >= at_least
+    left = noise_z_scores(checked.singular_values, shape)[checked.rank]
+    assert abs(left) <= NOISE_Z
+
+
+@pytest.mark.parametrize(("rows", "cols", "rank"), [(16, 96, 3), (50, 50, 6), (100, 300, 12)])
+def test_check_never_overshoots_a_weak_planted_rank(rows: int, cols: int, rank: int) -> None:
+    # Signal at 0.8 to 1.6 times the noise edge: EVB misses some of it; the check may find more,
+    # never more than was planted.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        u, _ = np.linalg.qr(rng.standard_normal((rows, rank)))
+        v, _ = np.linalg.qr(rng.standard_normal((cols, rank)))
+        edge = math.sqrt(rows) + math.sqrt(cols)
+        y = (u * (edge * np.linspace(0.8, 1.6, rank))) @ v.T + rng.standard_normal((rows, cols))
+        result = evbmf(y)
+        assert result.evb_rank <= result.rank <= rank, f"seed {seed}"
+
+
+def test_known_sigma2_is_not_checked() -> None:
+    y = with_spectrum(16, 96, np.ones(16))
+    result = evbmf(y, sigma2=1.0)
+    assert result.noise_z is None and result.rank == result.evb_rank
 
 
 def test_exactly_low_rank_matrix_keeps_its_rank() -> None:
@@ -199,3 +289,11 @@ def test_property_rank_in_bounds_and_invariant(y: np.ndarray, c: float) -> None:
     assert 0 <= result.rank <= min(y.shape)
     assert evbmf(y.T).rank == result.rank
     assert evbmf(c * y).rank == result.rank
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(y=matrices())
+def test_property_the_check_only_raises_the_rank(y: np.ndarray) -> None:
+    checked, raw = evbmf(y), evbmf(y, check=False)
+    assert checked.evb_rank == raw.rank <= checked.rank <= min(y.shape)
+    assert raw.noise_z is None

@@ -8,8 +8,18 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rank_selection import STRATEGIES, RankSpec, evbmf_spectrum, parse_rank_spec, register
+from rank_selection import (
+    MIN_RANK_FRACTION,
+    STRATEGIES,
+    RankSpec,
+    evbmf_spectrum,
+    min_rank,
+    parse_rank_spec,
+    register,
+)
 from rank_selection.strategies import ACCEPTED_FORMS
 
 SHAPE = (64, 576)  # R_full = 64
@@ -17,11 +27,16 @@ SHAPE = (64, 576)  # R_full = 64
 
 @pytest.fixture(scope="module")
 def planted_spectrum() -> np.ndarray:
-    """Singular values of 64x576 Gaussian noise with the 10 largest raised far above the edge."""
+    """Singular values of a rank-10 64x576 signal far above the noise edge plus N(0, 1) noise.
+
+    (Not noise with its top values replaced: what is left of that is the bottom of a 64x576 noise
+    spectrum, flatter than any 54x566 noise, and the noise-model check rightly rejects it.)
+    """
     rng = np.random.default_rng(0)
-    s = np.linalg.svd(rng.standard_normal(SHAPE), compute_uv=False)
-    s[:10] = np.linspace(300.0, 500.0, 10)
-    return s
+    u, _ = np.linalg.qr(rng.standard_normal((SHAPE[0], 10)))
+    v, _ = np.linalg.qr(rng.standard_normal((SHAPE[1], 10)))
+    y = (u * np.linspace(300.0, 500.0, 10)) @ v.T + rng.standard_normal(SHAPE)
+    return np.linalg.svd(y, compute_uv=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +82,59 @@ def test_vbmf_and_its_weakened_forms(planted_spectrum: np.ndarray) -> None:
 
 def test_only_plain_vbmf_returns_zero(noise_spectrum: np.ndarray) -> None:
     assert parse_rank_spec("vbmf").select(noise_spectrum, SHAPE) == 0
-    assert parse_rank_spec("vbmf:1").select(noise_spectrum, SHAPE) == 1
+    assert parse_rank_spec("vbmf:1").select(noise_spectrum, SHAPE) == min_rank(SHAPE) == 8
     assert parse_rank_spec("vbmf:0.5").select(noise_spectrum, SHAPE) == 32  # 64 - 0.5 * 64
+
+
+@pytest.mark.parametrize(
+    ("shape", "floor"),
+    [((16, 96), 2), ((96, 16), 2), ((64, 576), 8), ((1000, 1280), 125), ((3, 5), 1), ((1, 9), 1)],
+)
+def test_min_rank_is_an_eighth_of_the_smaller_side(shape: tuple[int, int], floor: int) -> None:
+    assert min_rank(shape) == floor
+    assert min_rank(shape, fraction=1.0) == min(shape)
+    assert MIN_RANK_FRACTION == 0.125
+
+
+def test_min_rank_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        min_rank((4, 4), fraction=0.0)
+    with pytest.raises(ValueError, match="positive"):
+        min_rank((0, 4))
+
+
+def test_vbmf_ranks_are_floored_but_zero_stays_zero() -> None:
+    # 64x576: EVBMF keeps the 3 planted components; the floor raises them to 8.
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((64, 3)))
+    v, _ = np.linalg.qr(rng.standard_normal((576, 3)))
+    y = (u * np.array([300.0, 250.0, 200.0])) @ v.T + rng.standard_normal((64, 576))
+    s = np.linalg.svd(y, compute_uv=False)
+    assert evbmf_spectrum(s, y.shape).rank == 3
+    assert parse_rank_spec("vbmf").select(s, y.shape) == 8
+    assert parse_rank_spec("vbmf:1").select(s, y.shape) == 8
+    assert parse_rank_spec("vbmf:0.9").select(s, y.shape) == 10  # ceil(64 - 0.9 * 61)
+    assert parse_rank_spec("ratio:0.01").select(s, y.shape) == 1  # explicit choices: no floor
+    assert parse_rank_spec("2").select(s, y.shape) == 2
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    text=st.sampled_from(["vbmf", "vbmf:1", "vbmf:0.6", "vbmf:0"]),
+)
+def test_property_vbmf_ranks_are_zero_or_at_least_the_floor(
+    rows: int, cols: int, seed: int, text: str
+) -> None:
+    rng = np.random.default_rng(seed)
+    rank = int(rng.integers(0, min(rows, cols) + 1))
+    y = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) * 5.0
+    y += rng.standard_normal((rows, cols))
+    s = np.linalg.svd(y, compute_uv=False)
+    r = parse_rank_spec(text).select(s, y.shape)
+    assert r == 0 and text == "vbmf" or min_rank(y.shape) <= r <= min(rows, cols)
 
 
 @pytest.mark.parametrize(
