@@ -73,7 +73,15 @@ def test_budget_with_data_keeps_more_rank_where_the_loss_is_sensitive():
     assert ranks["loud"] == ranks["soft"]  # same weights, same shape: the spectra cannot tell
     assert all(lp.importance is None for lp in blind.layers)
 
-    informed = decomp.plan(model, "tucker", input_size=SIZE, target_macs=0.5, data=batches())
+    informed = decomp.plan(
+        model,
+        "tucker",
+        input_size=SIZE,
+        target_macs=0.5,
+        data=batches(),
+        fit="weights",
+        weigh_layers=True,
+    )
     by_name = {lp.name: lp for lp in informed.layers}
     assert by_name["loud"].importance > 10 * by_name["soft"].importance
 
@@ -87,6 +95,6 @@ def test_budget_with_data_keeps_more_rank_where_the_loss_is_sensitive():
     assert decomp.Plan.from_json(informed.to_json()) == informed
 
 
-def test_data_without_a_budget_is_refused():
-    with pytest.raises(ValueError, match="pass target_macs too"):
-        decomp.plan(TwoBranches(), "tucker", "ratio:0.5", SIZE, data=batches())
+def test_weighing_layers_without_a_budget_is_refused():
+    with pytest.raises(ValueError, match="pass data and target_macs"):
+        decomp.plan(TwoBranches(), "tucker", "ratio:0.5", SIZE, data=batches(), weigh_layers=True)

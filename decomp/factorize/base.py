@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class Factorized(nn.Sequential):
@@ -104,3 +105,30 @@ def spatial_conv_only(layer: nn.Module, method: str) -> str | None:
     """None for a kxk conv; else why ``method`` (Tucker-2, CP) does not apply to ``layer``."""
     kind = layer_kind(layer)
     return None if kind == "kxk conv" else f"{kind}: {method} applies to kxk convs"
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """What an output-aware factorization knows of a layer's inputs.
+
+    ``moment`` is the second moment E[x x^T] of the input channels (Cin x Cin, over every pixel
+    of calibration data), ``root`` its square root and ``inv_root`` the inverse root, both
+    damped: fitting ``W root`` instead of ``W`` in Frobenius norm fits the layer's outputs on that
+    data (the response reconstruction of Zhang, Zou, He and Sun, "Accelerating very deep
+    convolutional networks for classification and detection", TPAMI 38(10), 2016).
+    """
+
+    moment: Tensor
+    root: Tensor
+    inv_root: Tensor
+
+    @classmethod
+    def from_moment(cls, moment: Tensor, damping: float = 1e-2) -> Whitening:
+        """Roots of ``moment + damping * mean(diag) * I`` (float64 eigendecomposition)."""
+        m = moment.double()
+        m = m + damping * m.diagonal().mean().clamp_min(1e-30) * torch.eye(len(m), dtype=m.dtype)
+        values, vectors = torch.linalg.eigh(m)
+        values = values.clamp_min(values[-1] * 1e-12)
+        root = (vectors * values.sqrt()) @ vectors.T
+        inv_root = (vectors / values.sqrt()) @ vectors.T
+        return cls(moment.double(), root, inv_root)

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from decomp.factorize.base import Factorized
+from decomp.factorize.base import Factorized, Whitening
 
 AUTO = "auto"
 
@@ -63,6 +63,9 @@ class Method:
     """Order among the methods ``auto`` may pick (lowest first); None: ``auto`` never picks it."""
     modes: ClassVar[int] = 1
     """How many unfoldings (weight dimensions 0, 1, ...) the rank choice looks at."""
+    fits_outputs: ClassVar[bool] = False
+    """Whether :meth:`factorize` takes a :class:`~decomp.factorize.base.Whitening` of the
+    layer's inputs, to fit its outputs on data instead of its weights."""
 
     def accepts(self, layer: nn.Module) -> str | None:
         """None when this method can factorize ``layer``, else a sentence saying why not.
@@ -99,8 +102,11 @@ class Method:
         """(MACs as thop counts them over ``calls``, parameters) of the factorized layer."""
         raise NotImplementedError
 
-    def factorize(self, layer: nn.Module, ranks: Sequence[int]) -> Factorized:
-        """The factorized module, its weights computed from ``layer``'s."""
+    def factorize(
+        self, layer: nn.Module, ranks: Sequence[int], whitening: Whitening | None = None
+    ) -> Factorized:
+        """The factorized module, its weights computed from ``layer``'s; with ``whitening``
+        (only for methods with :attr:`fits_outputs`), fitted to its outputs on data."""
         raise NotImplementedError
 
     def build(self, layer: nn.Module, ranks: Sequence[int]) -> Factorized:

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from decomp.factorize.base import Factorized, check_rank, conv_like, copy_bias, layer_kind, numel
-from decomp.factorize.linalg import gram_eigh
+from decomp.factorize.base import (
+    Factorized,
+    Whitening,
+    check_rank,
+    conv_like,
+    copy_bias,
+    layer_kind,
+    numel,
+)
+from decomp.factorize.linalg import gram_eigh, top_eigvecs
 from decomp.factorize.registry import Call, Method, RankGrid, register
 
 
@@ -29,15 +37,24 @@ class SVDFactors:
         return self.last @ self.first
 
 
-def svd_factors(matrix: Tensor, rank: int) -> SVDFactors:
+def svd_factors(matrix: Tensor, rank: int, whitening: Whitening | None = None) -> SVDFactors:
     """Best rank-``rank`` factors of a matrix (Eckart-Young), in the matrix's dtype.
 
     One factor is orthonormal singular vectors, the other is the matrix projected on them, so
     no division by small singular values is needed and full rank is exact to rounding.
+
+    With ``whitening`` the fit is to the layer's outputs on data, not to its weights: the
+    vectors are the leading left singular vectors of ``W root``, i.e. the principal directions
+    of the outputs ``W x`` (the response reconstruction of Zhang et al., TPAMI 2016), and the
+    matrix is projected on them.
     """
     out_f, in_f = matrix.shape
     rank = check_rank(rank, min(out_f, in_f), f"a {out_f}x{in_f} matrix")
-    _, vectors, left = gram_eigh(matrix)
+    if whitening is None:
+        _, vectors, left = gram_eigh(matrix)
+    else:  # the output directions: left vectors, whichever side is smaller
+        whitened = matrix.double() @ whitening.root
+        vectors, left = top_eigvecs(whitened @ whitened.T, rank)[0], True
     # the products run in the matrix's dtype (at least float32): a float64 copy of a large
     # layer (vgg16's 4096 x 25088 classifier: 0.8 GB) would double the peak memory
     work = torch.promote_types(matrix.dtype, torch.float32)
@@ -87,13 +104,16 @@ def build_svd(layer: nn.Linear | nn.Conv2d, rank: int) -> SVDLinear | SVDConv2d:
 
 
 @torch.no_grad()
-def svd(layer: nn.Linear | nn.Conv2d, rank: int) -> SVDLinear | SVDConv2d:
+def svd(
+    layer: nn.Linear | nn.Conv2d, rank: int, whitening: Whitening | None = None
+) -> SVDLinear | SVDConv2d:
     """Replace-ready rank-``rank`` SVD of an nn.Linear or an ungrouped 1x1 nn.Conv2d.
 
     The first factor keeps a conv's stride and padding; the last one takes the bias, if any.
+    ``whitening`` fits the outputs on data instead of the weights (see :func:`svd_factors`).
     """
     module = build_svd(layer, rank)
-    f = svd_factors(_as_matrix(layer), rank)
+    f = svd_factors(_as_matrix(layer), rank, whitening)
     shape = (1, 1) if isinstance(layer, nn.Conv2d) else ()
     module.first.weight.copy_(f.first.reshape(*f.first.shape, *shape))
     module.last.weight.copy_(f.last.reshape(*f.last.shape, *shape))
@@ -117,6 +137,7 @@ class SVDMethod(Method):
     """Truncated SVD for linear layers and 1x1 convs: rank ``[R]`` from the (out, in) matrix."""
 
     name = "svd"
+    fits_outputs = True
     module_types = (SVDLinear, SVDConv2d)
     auto_priority = 1
 
@@ -141,8 +162,10 @@ class SVDMethod(Method):
             rows = sum(c.out[2] * c.out[3] for c in calls)
         return rows * r * (in_f + out_f), r * (in_f + out_f) + bias
 
-    def factorize(self, layer: nn.Module, ranks: Sequence[int]) -> SVDLinear | SVDConv2d:
-        return svd(layer, ranks[0])
+    def factorize(
+        self, layer: nn.Module, ranks: Sequence[int], whitening: Whitening | None = None
+    ) -> SVDLinear | SVDConv2d:
+        return svd(layer, ranks[0], whitening)
 
     def build(self, layer: nn.Module, ranks: Sequence[int]) -> SVDLinear | SVDConv2d:
         return build_svd(layer, ranks[0])

@@ -10,6 +10,7 @@ modules and swaps them in by qualified name. The pieces:
 - :mod:`~decomp.plan.policy`: which layers, which method, is it worth it;
 - :mod:`~decomp.plan.forwards`: conv subclasses whose forward decomp can carry over;
 - :mod:`~decomp.plan.budget`: spending a MACs budget over the layers' error curves;
+- :mod:`~decomp.plan.statistics`: the inputs' statistics behind output-aware fitting;
 - :mod:`~decomp.plan.importance`: measured output damage per layer;
 - :mod:`~decomp.plan.apply`: the surgery, and recounting an edited plan.
 """
@@ -23,11 +24,13 @@ from torch import nn
 
 from decomp._utils import check_input_size
 from decomp.factorize import registry
+from decomp.factorize.base import Whitening
 from decomp.metrics import count_macs, count_params
-from decomp.plan import budget, forwards, policy
+from decomp.plan import budget, forwards, policy, statistics
 from decomp.plan.apply import applied_plans, apply, recount
 from decomp.plan.model import PLAN_FORMAT, LayerPlan, Plan, Skip
 from decomp.plan.policy import select_ranks
+from decomp.plan.statistics import FIT_BATCHES
 from decomp.plan.trace import trace_calls
 from rank_selection import RankSpec, parse_rank_spec
 
@@ -48,6 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+FITS = ("weights", "outputs")
+
 
 def method_choices() -> list[str]:
     """The methods a plan accepts: every registered one, then ``auto``."""
@@ -63,6 +68,10 @@ def plan(
     force: bool = False,
     target_macs: float | int | str | None = None,
     data: Iterable | None = None,
+    *,
+    fit: str | None = None,
+    fit_batches: int = FIT_BATCHES,
+    weigh_layers: bool = False,
     importance_batches: int = 4,
 ) -> Plan:
     """Decide, per layer and without changing ``model``, how it is factorized.
@@ -78,24 +87,25 @@ def plan(
         target_macs: a MACs budget for the whole model: a fraction of its MACs (0.25), or a
             count (5_000_000, "5M"). Ranks are then allocated across layers by
             :func:`rank_selection.budget.allocate` and ``rank`` is not used.
-        data: with ``target_macs``, batches (images, or ``(images, labels)``) on which each
-            layer's output damage per unit of estimated error is measured
-            (:mod:`decomp.plan.importance`) and used to weight its error; without data every
-            layer weighs the same.
-        importance_batches: how many batches of ``data`` to use.
+        data: calibration batches (images, or ``(images, labels)``; a DataLoader or a list:
+            it is read more than once). With data, the layers that a method can fit to their
+            outputs (tucker, svd) are: their inputs' statistics are measured on
+            ``fit_batches`` batches (:mod:`decomp.plan.statistics`), the factors fit the
+            outputs on them, and a budget's error curves are in output space.
+        fit: "outputs" (the default with data) or "weights" (the default without).
+        fit_batches: how many batches of ``data`` the input statistics use.
+        weigh_layers: with ``target_macs`` and ``data``, also weight each layer's estimated
+            error by the output damage measured on ``importance_batches`` batches
+            (:mod:`decomp.plan.importance`; slower, and it did not help in the benchmarks).
+        importance_batches: how many batches of ``data`` the damage measurement uses.
 
     Returns:
-        The Plan; layers that are left alone carry the reason.
+        The Plan; layers that are left alone carry the reason. An output-aware plan keeps the
+        input statistics for :func:`apply` in this process (never in its JSON).
     """
     registry.check_choice(method)
-    if target_macs is not None and method != registry.AUTO and not registry.get(method).budgets:
-        able = [m for m in registry.names() if registry.get(m).budgets]
-        raise ValueError(
-            f"target_macs works with {', '.join([*able, registry.AUTO])}; "
-            f"{method} has no error curve for a budget"
-        )
-    if data is not None and target_macs is None:
-        raise ValueError("data weighs the layers of a MACs budget; pass target_macs too")
+    fit = fit or ("outputs" if data is not None else "weights")
+    _check_options(method, target_macs, data, fit, weigh_layers)
     spec = parse_rank_spec(rank)
     input_size = check_input_size(input_size)
     exclude = list(exclude)
@@ -124,14 +134,17 @@ def plan(
             else:
                 eligible.append((lp, module, chosen))
                 calls[module] = forwards.padded_calls(module, lp.pad, calls[module])
+    whitening, images = {}, 0
+    if fit == "outputs":
+        whitening, images = _measure_inputs(model, eligible, data, fit_batches)
     model_macs = count_macs(model, tuple(input_size))
     if target_macs is None:
         ranks = [select_ranks(module, chosen, spec) for _, module, chosen in eligible]
         source = str(spec)
     else:
         total = budget.parse_macs_target(target_macs, model_macs)
-        curves = [budget.curve(lp, m, chosen) for lp, m, chosen in eligible]
-        if data is not None and curves:
+        curves = [budget.curve(lp, m, chosen, whitening.get(m)) for lp, m, chosen in eligible]
+        if weigh_layers and curves:
             budget.measure(model, curves, data, importance_batches)
         ranks = budget.budget_ranks(curves, calls, total, model_macs)
         source = f"target-macs:{target_macs}"
@@ -141,8 +154,49 @@ def plan(
         else:
             policy.decide(lp, module, chosen, r, calls[module], force, source)
     result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
+    result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
+    kept = {lp.name: whitening[m] for lp, m, _ in eligible if lp.method and m in whitening}
+    result.whitening = kept or None
     logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
     return result
+
+
+def _check_options(
+    method: str, target_macs: object, data: object, fit: str, weigh_layers: bool
+) -> None:
+    if target_macs is not None and method != registry.AUTO and not registry.get(method).budgets:
+        able = [m for m in registry.names() if registry.get(m).budgets]
+        raise ValueError(
+            f"target_macs works with {', '.join([*able, registry.AUTO])}; "
+            f"{method} has no error curve for a budget"
+        )
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; expected one of {list(FITS)}")
+    if fit == "outputs" and data is None:
+        raise ValueError("fit='outputs' fits the layers' outputs on calibration data; pass data")
+    if weigh_layers and (data is None or target_macs is None):
+        raise ValueError(
+            "weigh_layers measures output damage for a MACs budget; pass data and target_macs"
+        )
+
+
+def _measure_inputs(
+    model: nn.Module, eligible: list, data: Iterable, batches: int
+) -> tuple[dict[nn.Module, Whitening], int]:
+    """The whitening of every eligible layer that its method can fit to its outputs (and that
+    is small enough, see :data:`~decomp.plan.statistics.MAX_FEATURES`); marks them."""
+    fitted = [
+        (lp, m)
+        for lp, m, chosen in eligible
+        if chosen.fits_outputs and statistics.input_features(m) <= statistics.MAX_FEATURES
+    ]
+    if not fitted:
+        return {}, 0
+    moments, images = statistics.input_moments(model, [m for _, m in fitted], data, batches)
+    for lp, m in fitted:
+        if m in moments:
+            lp.fit = "outputs"
+    return statistics.whitenings(moments), images
 
 
 def decompose(
@@ -156,8 +210,9 @@ def decompose(
     progress: Callable[[str], None] | None = None,
     target_macs: float | int | str | None = None,
     data: Iterable | None = None,
-    importance_batches: int = 4,
+    **options: object,
 ) -> nn.Module:
-    """``apply(model, plan(model, ...))``: a compressed copy of ``model`` (see :func:`plan`)."""
-    p = plan(model, method, rank, input_size, exclude, force, target_macs, data, importance_batches)
+    """``apply(model, plan(model, ...))``: a compressed copy of ``model`` (see :func:`plan`;
+    ``options`` are its keyword-only arguments: fit, fit_batches, weigh_layers, ...)."""
+    p = plan(model, method, rank, input_size, exclude, force, target_macs, data, **options)
     return apply(model, p, inplace=inplace, progress=progress)

@@ -8,17 +8,19 @@ several names is replaced under all of them by the same new module.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from decomp.factorize import registry
+from decomp.factorize.base import Whitening
 from decomp.factorize.padding import Padded, pad_module
 from decomp.metrics import count_macs, count_params
 from decomp.plan.forwards import padded_calls
 from decomp.plan.model import Plan
+from decomp.plan.statistics import input_moments, whitenings
 from decomp.plan.trace import dense_costs, trace_calls
 
 PLANS_ATTR = "_decomp_plans"
@@ -51,6 +53,7 @@ def apply(
     inplace: bool = False,
     init: str = "decompose",
     progress: Callable[[str], None] | None = None,
+    data: Iterable | None = None,
 ) -> nn.Module:
     """Build the factorized layers of ``plan`` and swap them in by qualified name.
 
@@ -61,20 +64,27 @@ def apply(
         init: "decompose" computes the factors from the weights; "structure" only builds the
             modules (uninitialised), for loading a saved state_dict.
         progress: called with each layer's name once it is done.
+        data: for an output-aware plan that no longer holds its input statistics (one read
+            from JSON), the calibration data to measure them again on (as for :func:`plan`).
 
     Returns:
         The compressed model; the plans applied to it are in :func:`applied_plans`.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {list(INITS)}")
+    whitening = _whitening(model, plan, data) if init == "decompose" else {}
     target = model if inplace else copy.deepcopy(model)
     for lp in plan.decomposed:
         module = _layer(target, lp.name)
         _check_fits(module, lp.name, lp.kind, lp.shape)
         try:
             method = registry.get(lp.method)
-            make = method.factorize if init == "decompose" else method.build
-            new = make(module, list(lp.ranks))
+            if init == "structure":
+                new = method.build(module, list(lp.ranks))
+            elif lp.name in whitening:
+                new = method.factorize(module, list(lp.ranks), whitening=whitening[lp.name])
+            else:
+                new = method.factorize(module, list(lp.ranks))
             if lp.pad is not None:
                 new = Padded(pad_module(lp.pad, module), new)
         except (ValueError, TypeError) as exc:
@@ -87,6 +97,25 @@ def apply(
             progress(lp.name)
     setattr(target, PLANS_ATTR, [*applied_plans(target), plan.to_dict()])
     return target
+
+
+def _whitening(model: nn.Module, plan: Plan, data: Iterable | None) -> dict[str, Whitening]:
+    """The input statistics of the plan's output-aware layers: kept by the plan, else measured
+    on ``data`` (on the original model, before any layer is replaced)."""
+    wanted = [lp for lp in plan.decomposed if lp.fit == "outputs"]
+    kept = plan.whitening or {}
+    if all(lp.name in kept for lp in wanted):
+        return kept
+    if data is None:
+        missing = next(lp.name for lp in wanted if lp.name not in kept)
+        raise ValueError(
+            f"{missing}: the plan fits the layer's outputs on calibration data; pass that "
+            "data to apply (data=...)"
+        )
+    modules = [_layer(model, lp.name) for lp in wanted]
+    moments, _ = input_moments(model, modules, data, plan.fit_batches)
+    found = whitenings(moments)
+    return {lp.name: found[m] for lp, m in zip(wanted, modules, strict=True)}
 
 
 def applied_plans(model: nn.Module) -> list[dict[str, Any]]:

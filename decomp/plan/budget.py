@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from decomp.factorize.base import Whitening
 from decomp.factorize.linalg import gram_eigh
 from decomp.factorize.registry import Call, Method, RankGrid
 from decomp.plan.importance import output_damage
@@ -103,6 +104,7 @@ class Curve:
     method: Method
     modes: list[Mode]
     grid: RankGrid
+    whitening: Whitening | None = None
     scale: Callable[[int], float] = lambda k: 1.0
 
     def ranks(self, k: int) -> list[int]:
@@ -115,25 +117,43 @@ class Curve:
         return self.scale(k[0]) * self.spectral_error(k[0])
 
     def projection(self, k: int) -> torch.Tensor:
-        """The kernel projected on the leading singular vectors of each mode at step k."""
+        """The kernel projected on the leading singular vectors of each mode at step k (in
+        the whitened space of an output-aware curve, then mapped back)."""
         weight = self.module.weight.detach()
-        w = weight
+        w = fitted_weight(weight, self.whitening)
         for i, (mode, rank) in enumerate(zip(self.modes, self.ranks(k), strict=True)):
             basis = mode.basis(rank)
             w = torch.tensordot(basis @ basis.T, w.to(basis.dtype).movedim(i, 0), dims=1)
             w = w.movedim(0, i)
+        if self.whitening is not None:
+            w = _input_product(w, self.whitening.inv_root)
         return w.to(weight.dtype)
 
 
-def curve(lp: LayerPlan, module: nn.Module, method: Method) -> Curve:
-    """The error curve of ``module`` under ``method``; a ValueError if the method has none."""
+def _input_product(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``weight`` with its input mode (dimension 1) multiplied by ``matrix`` (Cin x Cin)."""
+    return torch.tensordot(weight.movedim(1, -1), matrix.to(weight.dtype), dims=1).movedim(-1, 1)
+
+
+def fitted_weight(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+    """What a factorization fits: the weight, or with ``whitening`` the weight seen through its
+    inputs' statistics (``W x_1 root``), whose spectra are those of the layer's outputs."""
+    return weight if whitening is None else _input_product(weight.double(), whitening.root)
+
+
+def curve(
+    lp: LayerPlan, module: nn.Module, method: Method, whitening: Whitening | None = None
+) -> Curve:
+    """The error curve of ``module`` under ``method``, in output space with ``whitening``; a
+    ValueError if the method has none."""
     grid = method.grid(module, GRID)
     if grid is None:
         raise ValueError(
             f"{method.name} has no error curve for a MACs budget; use a method with one or auto"
         )
-    modes = [spectral_mode(m) for m in method.unfoldings(module.weight.detach())]
-    return Curve(lp, module, method, modes, grid)
+    fitted = fitted_weight(module.weight.detach(), whitening)
+    modes = [spectral_mode(m) for m in method.unfoldings(fitted)]
+    return Curve(lp, module, method, modes, grid, whitening)
 
 
 def budget_ranks(

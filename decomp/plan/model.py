@@ -9,11 +9,12 @@ people and may be reworded freely.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from decomp.factorize import registry
+from decomp.factorize.base import Whitening
 
 PLAN_FORMAT = 1
 
@@ -59,6 +60,9 @@ class LayerPlan:
     see :mod:`decomp.plan.importance`). None otherwise."""
     skip: Skip | None = None
     pad: str | list[int] | None = None
+    fit: str = "weights"
+    """What the factorization fits: "weights", or "outputs" on calibration data (see
+    :mod:`decomp.plan.statistics`)."""
     """Zero padding the layer did in its own forward, carried over in front of its factorized
     module: "same" (TensorFlow's, computed per input) or fixed [left, right, top, bottom]; None
     for a plain layer (see :mod:`decomp.plan.forwards`)."""
@@ -99,6 +103,15 @@ class Plan:
     model_macs: int = 0
     model_params: int = 0
     format: int = PLAN_FORMAT
+    fit: str = "weights"
+    """"weights", or "outputs" when calibration data was given; then ``fit_batches`` and
+    ``fit_images`` say on how many batches and images the layers' input statistics were
+    measured."""
+    fit_batches: int = 0
+    fit_images: int = 0
+    whitening: dict[str, Whitening] | None = field(default=None, repr=False, compare=False)
+    """The input statistics of an output-aware plan, by layer name, kept for :func:`apply` in
+    the same process; never saved (apply measures them again from ``data`` when missing)."""
 
     @property
     def decomposed(self) -> list[LayerPlan]:
@@ -116,8 +129,10 @@ class Plan:
         return self.model_params - sum(lp.params_before - lp.params_after for lp in self.decomposed)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (the skip kinds as their strings)."""
-        return asdict(self, dict_factory=_plain_items)
+        """Plain data (the skip kinds as their strings; no input statistics)."""
+        out = asdict(replace(self, whitening=None), dict_factory=_plain_items)
+        out.pop("whitening")
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -131,7 +146,7 @@ class Plan:
             raise ValueError(f"plan format {data.get('format')!r}; this decomp reads {PLAN_FORMAT}")
         try:
             layers = [LayerPlan(**layer) for layer in data["layers"]]
-            plan = cls(**{**data, "layers": layers})
+            plan = cls(**{**data, "layers": layers, "whitening": None})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a decomp plan: {exc}") from None
         for layer in plan.decomposed:
