@@ -2,9 +2,10 @@
 
 The kernel W (Cout, Cin, kh, kw) is approximated by R rank-one terms
 ``sum_r a_r (x) b_r (x) c_r (x) d_r`` (Lebedev et al., "Speeding-up convolutional neural networks
-using fine-tuned CP-decomposition", ICLR 2015), computed by CP-ALS in tensorly. The vertical and
-horizontal depthwise convs split the stride, padding and dilation by axis, so the layer keeps its
-output shape for any of them (and for 'same' padding, which needs stride 1).
+using fine-tuned CP-decomposition", ICLR 2015), computed by decomp's own CP-ALS
+(:mod:`decomp.factorize.cp_als`). The vertical and horizontal depthwise convs split the stride,
+padding and dilation by axis, so the layer keeps its output shape for any of them (and for 'same'
+padding, which needs stride 1).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from decomp import _tensorly
 from decomp.factorize.base import (
     Factorized,
     check_plain_conv,
@@ -25,6 +25,7 @@ from decomp.factorize.base import (
     copy_bias,
     spatial_conv_only,
 )
+from decomp.factorize.cp_als import Progress, cp_als
 from decomp.factorize.registry import Call, Method, register
 
 logger = logging.getLogger(__name__)
@@ -54,13 +55,12 @@ class CPFactors:
         return torch.einsum("or,ir,hr,wr->oihw", self.out, self.inp, self.vertical, self.horizontal)
 
 
-def _balanced(weights: Tensor, factors: list[Tensor]) -> list[Tensor]:
-    """Fold the CP weights into the factors, giving each mode the same column norms."""
+def _balanced(factors: list[Tensor]) -> list[Tensor]:
+    """Rescale the factors so that each rank-one term has the same column norm in every mode."""
     norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, R)
-    scale = (weights.abs() * norms.prod(0)).clamp_min(torch.finfo(norms.dtype).tiny) ** 0.25
-    unit = [f / n.clamp_min(torch.finfo(n.dtype).tiny) for f, n in zip(factors, norms, strict=True)]
-    unit[0] = unit[0] * weights.sign()
-    return [u * scale for u in unit]
+    tiny = torch.finfo(norms.dtype).tiny
+    scale = norms.prod(0).clamp_min(tiny) ** 0.25
+    return [f / n.clamp_min(tiny) * scale for f, n in zip(factors, norms, strict=True)]
 
 
 def _check_divergence(factors: CPFactors, weight: Tensor) -> float:
@@ -83,36 +83,48 @@ def _check_divergence(factors: CPFactors, weight: Tensor) -> float:
     return error
 
 
-def cp_factors(weight: Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-6) -> CPFactors:
+RIDGE = 1e-4
+"""The fallback's Tikhonov weight: ``RIDGE / R`` relative to ||W||^2 (see :func:`cp_factors`)."""
+
+
+def cp_factors(
+    weight: Tensor,
+    rank: int,
+    n_iter_max: int = 100,
+    tol: float = 1e-6,
+    *,
+    progress: Progress | None = None,
+) -> CPFactors:
     """CP factors of a conv kernel by CP-ALS, with a check for degenerate solutions.
 
-    A degenerate run (cancelling components of huge norm, a non-finite or useless fit) is retried
-    once with a small ridge penalty; if that fails too, CPDivergenceError says so.
+    The ALS is :func:`decomp.factorize.cp_als.cp_als`, in float32 for float32 kernels (float64
+    for float64 ones). A degenerate run (cancelling components of huge norm, a non-finite or
+    useless fit) is retried once with a ridge penalty of ``RIDGE / rank`` relative to ||W||^2,
+    which keeps the factors bounded; if that fails too, CPDivergenceError says so.
 
     Args:
         weight: (Cout, Cin, kh, kw) kernel.
         rank: R >= 1 (it may exceed every mode's size; CP has no such bound).
-        n_iter_max: most ALS sweeps.
-        tol: tensorly's stopping tolerance on the relative reconstruction error.
+        n_iter_max: most ALS sweeps on the compressed core, and again on the full kernel.
+        tol: stop when a sweep lowers the relative reconstruction error by less than this.
+        progress: ``progress(sweep, rel_error)`` after every sweep; a ridge retry counts its
+            sweeps from 1 again.
     """
     rank = check_rank(rank, weight.numel(), f"a kernel of {weight.numel()} entries")
-    # float32 for float32 kernels, as tensorly's own default: float64 ALS was 2-3x slower on
-    # resnet18's convs for the same error (bench-speed)
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
     last_error: CPDivergenceError | None = None
-    for l2_reg in (0.0, 1e-4 * w.pow(2).sum().item() / rank):
-        weights, factors = _tensorly.parafac(w, rank, n_iter_max=n_iter_max, tol=tol, l2_reg=l2_reg)
-        out, inp, vertical, horizontal = _balanced(weights, factors)
-        result = CPFactors(out=out, inp=inp, vertical=vertical, horizontal=horizontal)
+    for ridge in (0.0, RIDGE / rank):
+        factors, _ = cp_als(w, rank, n_iter_max=n_iter_max, tol=tol, ridge=ridge, progress=progress)
+        balanced = _balanced(factors)
         try:
-            error = _check_divergence(result, w)
+            error = _check_divergence(CPFactors(*balanced), w)
         except CPDivergenceError as exc:
-            logger.warning("%s; retrying with a ridge penalty", exc)
+            if not ridge:
+                logger.warning("%s; retrying with a ridge penalty", exc)
             last_error = exc
             continue
-        logger.debug("CP rank %d: relative error %.4f", rank, error)
-        dtype = weight.dtype
-        return CPFactors(*(f.to(dtype) for f in (out, inp, vertical, horizontal)))
+        logger.debug("CP rank %d: relative error %.4f (ridge %g)", rank, error, ridge)
+        return CPFactors(*(f.to(weight.dtype) for f in balanced))
     raise CPDivergenceError(f"{last_error}; use tucker or a lower CP rank for this layer")
 
 
