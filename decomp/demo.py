@@ -25,6 +25,7 @@ from decomp._utils import atomic_write, atomic_write_text, environment, plain
 from decomp.batchnorm import calibrate
 from decomp.checkpoint import load, model_meta, save
 from decomp.data import DataBundle
+from decomp.devices import pick_device
 from decomp.evaluate import evaluate, quick_scores, val_f1
 from decomp.plan import Plan, apply, plan
 from decomp.recipes import (
@@ -61,8 +62,6 @@ DEMO_RANK = "vbmf:0.6"
 DEMO_METHOD = "tucker"
 DEMO_OUTPUT_DIR = "runs/demo"
 
-_device_notice_given = False
-
 
 @dataclass
 class DemoConfig:
@@ -93,19 +92,6 @@ class DemoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))
-
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else CUDA when available, else the CPU (said once)."""
-    global _device_notice_given
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not _device_notice_given:
-        logger.warning("no GPU found; the demo runs on the CPU")
-        _device_notice_given = True
-    return torch.device("cpu")
 
 
 class _Stages:
@@ -282,7 +268,7 @@ def run_demo(
     stages = _Stages()
     report = _Report(cfg, stages)
     report.update(**environment())
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device, notice="the demo runs on the CPU")
     with stages("data"):
         bundle = load_bundle(
             cfg.data,

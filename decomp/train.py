@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from decomp._utils import atomic_write, atomic_write_text, check_choice, training_flags
+from decomp.devices import AMP_MODES, autocast, autocast_dtype, pick_device, to_device
 from decomp.distributed import (
     barrier,
     broadcast_buffers,
@@ -56,13 +57,10 @@ from decomp.seeding import rng_state, seed_epoch, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT_FORMAT = "decomp.train/1"
 
 # config fields that may change between a run and its resumption without a warning
 _RESUME_FREE_FIELDS = {"resume", "max_epochs_this_run", "log_path", "checkpoint_path", "epochs"}
-
-_cpu_notice_given = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,52 +164,8 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# devices and precision
-# --------------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device: torch.device | str | None, world: int, local_rank: int) -> torch.device:
-    global _cpu_notice_given
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank) if world > 1 else torch.device("cuda")
-    if not _cpu_notice_given:
-        logger.warning("no GPU found; training on the CPU")
-        _cpu_notice_given = True
-    return torch.device("cpu")
-
-
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``mode`` on ``device``, or None for full precision."""
-    check_choice("amp", mode, AMP_MODES)
-    if device.type != "cuda":
-        if mode in ("bf16", "fp16"):
-            logger.info("amp=%s needs CUDA; training in float32 on %s", mode, device)
-        return None
-    if mode == "off":
-        return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------
-
-
-def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    images = images.to(device, non_blocking=True)
-    if channels_last and images.dim() == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
 
 
 @torch.no_grad()
@@ -226,8 +180,8 @@ def _predict(
     model.eval()
     preds, labels, num_classes = [], [], 0
     for images, targets in loader:
-        with _autocast(device, amp_dtype):
-            logits = model(_to_device(images, device, channels_last))
+        with autocast(device, amp_dtype):
+            logits = model(to_device(images, device, channels_last))
         num_classes = logits.shape[1]
         preds.append(logits.argmax(dim=1).cpu())
         labels.append(targets.cpu())
@@ -320,7 +274,7 @@ def _start_run(
     distributed: tuple[int, int],
 ) -> _Run:
     rank, world = distributed
-    amp_dtype = _amp_dtype(config.amp, device)
+    amp_dtype = autocast_dtype(config.amp, device)
     channels_last = config.channels_last and device.type == "cuda"
     _prepare(model, device, channels_last)
     optimizer = build_optimizer(model, config)
@@ -390,7 +344,7 @@ def _checkpoint_payload(run: _Run, config: TrainConfig) -> dict[str, Any]:
 def _train_step(
     run: _Run, images: Tensor, labels: Tensor, teacher: nn.Module | None, config: TrainConfig
 ) -> Tensor:
-    with _autocast(run.device, run.amp_dtype):
+    with autocast(run.device, run.amp_dtype):
         logits = run.net(images)
         teacher_logits = None
         if teacher is not None:
@@ -424,7 +378,7 @@ def _train_epoch(
     title = f"epoch {run.epoch + 1}/{config.epochs}"
     task = None if bar is None else bar.add_task(title, total=_steps_per_epoch(loader))
     for step, (images, labels) in enumerate(loader):
-        images = _to_device(images, run.device, run.channels_last)
+        images = to_device(images, run.device, run.channels_last)
         labels = labels.to(run.device, non_blocking=True)
         loss = _train_step(run, images, labels, teacher, config)
         totals[0] += loss.double() * labels.shape[0]
@@ -568,7 +522,9 @@ def train(
         A :class:`TrainResult`; ``result.model`` is ``model`` holding the best weights.
     """
     rank, world, local_rank = setup_distributed()
-    device = _resolve_device(device, world, local_rank)
+    device = pick_device(
+        device, local_rank=local_rank if world > 1 else None, notice="training on the CPU"
+    )
     if world > 1 and rank == 0:
         check_samplers(train_loader, val_loader)
     with training_flags(model, *([] if teacher is None else [teacher])):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from decomp import train as train_mod
+from decomp import devices
 from decomp.train import TrainConfig, load_checkpoint, save_checkpoint_atomic, train
 from tests.tiny_task import (
     TinyNet,
@@ -234,7 +234,7 @@ def test_cpu_notice_is_logged_once(
 ) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    monkeypatch.setattr(train_mod, "_cpu_notice_given", False)
+    monkeypatch.setattr(devices, "_notices_given", set())
     with caplog.at_level(logging.INFO, logger="decomp.train"):
         fit(net(), epochs=0)
         fit(net(), epochs=0)

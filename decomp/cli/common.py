@@ -43,6 +43,8 @@ err = _make_console(stderr=True)
 
 
 class Method(StrEnum):
+    """The ``--method`` choices of ``decompose`` and ``demo``."""
+
     tucker = "tucker"
     cp = "cp"
     svd = "svd"
@@ -209,7 +211,7 @@ def say(text: str) -> None:
 # ------------------------------------------------------------------------------ models
 
 
-def _add_cwd_to_path() -> None:
+def add_cwd_to_path() -> None:
     """Let --arch name a module in the current folder, the way ``python -m`` would."""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
@@ -218,7 +220,7 @@ def _add_cwd_to_path() -> None:
 
 def load_model(path: Path, arch: str | None, arch_kwargs: str | None, trust: bool) -> nn.Module:
     """:func:`decomp.load` of a command's MODEL, ``--arch`` resolved from the current folder too."""
-    _add_cwd_to_path()
+    add_cwd_to_path()
     with status(f"loading {path}"):
         return checkpoint.load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust)
 

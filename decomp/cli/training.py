@@ -19,6 +19,7 @@ from decomp.cli.common import (
     ModelArg,
     TrustPickleOpt,
     VerboseOpt,
+    add_cwd_to_path,
     command,
     input_size_of,
     load_model,
@@ -86,6 +87,7 @@ def train_command(
             output = Path(DEFAULT_BASELINE_OUTPUT)
             output.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.check_output_path(output)
+        add_cwd_to_path()
         outcome = train_baseline(
             arch, arch_kwargs, data, size, epochs, output, progress=not json_output
         )
