@@ -222,5 +222,38 @@ class CPMethod(Method):
     def build(self, layer: nn.Module, ranks: Sequence[int]) -> CPConv2d:
         return build_cp(layer, ranks[0])
 
+    @torch.no_grad()
+    def dense(self, module: CPConv2d) -> nn.Conv2d:
+        first, vertical, horizontal, last = (
+            module.first,
+            module.vertical,
+            module.horizontal,
+            module.last,
+        )
+
+        def joined(v: tuple[int, int] | str, h: tuple[int, int] | str) -> tuple[int, int] | str:
+            return v if isinstance(v, str) else (v[0], h[1])
+
+        conv = conv_like(
+            first,
+            first.in_channels,
+            last.out_channels,
+            (vertical.kernel_size[0], horizontal.kernel_size[1]),
+            stride=joined(vertical.stride, horizontal.stride),
+            padding=joined(vertical.padding, horizontal.padding),
+            dilation=joined(vertical.dilation, horizontal.dilation),
+            padding_mode=vertical.padding_mode,
+            bias=last.bias is not None,
+        )
+        factors = CPFactors(
+            out=last.weight[:, :, 0, 0],
+            inp=first.weight[:, :, 0, 0].T,
+            vertical=vertical.weight[:, 0, :, 0].T,
+            horizontal=horizontal.weight[:, 0, 0, :].T,
+        )
+        conv.weight.copy_(factors.reconstruct())
+        copy_bias(last, conv)
+        return conv
+
 
 register(CPMethod())

@@ -113,6 +113,12 @@ class Method:
         """The factorized module with uninitialised weights (shapes only), for loading."""
         raise NotImplementedError
 
+    def dense(self, module: Factorized) -> nn.Module:
+        """The plain layer that one of this method's modules computes (its effective weight,
+        bias and hyper-parameters): what a second decomposition re-factorizes at lower ranks,
+        so that factorized modules merge instead of nesting."""
+        raise NotImplementedError
+
 
 def unfold(weight: Tensor, mode: int) -> Tensor:
     """The mode-``mode`` unfolding of a weight: dimension ``mode`` against all the others."""

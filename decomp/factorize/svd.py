@@ -170,5 +170,29 @@ class SVDMethod(Method):
     def build(self, layer: nn.Module, ranks: Sequence[int]) -> SVDLinear | SVDConv2d:
         return build_svd(layer, ranks[0])
 
+    @torch.no_grad()
+    def dense(self, module: SVDLinear | SVDConv2d) -> nn.Linear | nn.Conv2d:
+        first, last = module.first, module.last
+        has_bias = last.bias is not None
+        if isinstance(module, SVDLinear):
+            layer = nn.Linear(first.in_features, last.out_features, bias=has_bias)
+            layer = layer.to(first.weight)
+            layer.weight.copy_(last.weight @ first.weight)
+        else:
+            layer = conv_like(
+                first,
+                first.in_channels,
+                last.out_channels,
+                stride=first.stride,
+                padding=first.padding,
+                dilation=first.dilation,
+                padding_mode=first.padding_mode,
+                bias=has_bias,
+            )
+            matrix = last.weight[:, :, 0, 0] @ first.weight[:, :, 0, 0]
+            layer.weight.copy_(matrix[:, :, None, None])
+        copy_bias(last, layer)
+        return layer
+
 
 register(SVDMethod())

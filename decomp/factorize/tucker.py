@@ -198,5 +198,26 @@ class Tucker2Method(Method):
     def build(self, layer: nn.Module, ranks: Sequence[int]) -> TuckerConv2d:
         return build_tucker2(layer, tuple(ranks))
 
+    @torch.no_grad()
+    def dense(self, module: TuckerConv2d) -> nn.Conv2d:
+        core, last = module.core, module.last
+        conv = conv_like(
+            core,
+            module.first.in_channels,
+            last.out_channels,
+            core.kernel_size,
+            stride=core.stride,
+            padding=core.padding,
+            dilation=core.dilation,
+            padding_mode=core.padding_mode,
+            bias=last.bias is not None,
+        )
+        factors = Tucker2Factors(
+            module.first.weight[:, :, 0, 0], core.weight, last.weight[:, :, 0, 0]
+        )
+        conv.weight.copy_(factors.reconstruct())
+        copy_bias(last, conv)
+        return conv
+
 
 register(Tucker2Method())

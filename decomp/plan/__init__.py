@@ -111,10 +111,50 @@ def plan(
     exclude = list(exclude)
 
     calls = trace_calls(model, input_size)
+    layers, eligible = _candidates(model, method, exclude, calls)
+    whitening, images = {}, 0
+    if fit == "outputs":
+        whitening, images = _measure_inputs(model, eligible, data, fit_batches)
+    model_macs = count_macs(model, tuple(input_size))
+    if target_macs is None:
+        ranks = [select_ranks(c.layer, c.method, spec, c.lp.previous_ranks) for c in eligible]
+        source = str(spec)
+    else:
+        total = budget.parse_macs_target(target_macs, model_macs)
+        curves = [budget.curve(c, whitening.get(c.module)) for c in eligible]
+        if weigh_layers and curves:
+            budget.measure(model, curves, data, importance_batches)
+        ranks = budget.budget_ranks(curves, calls, total, model_macs)
+        source = f"target-macs:{target_macs}"
+    for c, r in zip(eligible, ranks, strict=True):
+        if r is None:
+            c.lp.skip_as(Skip.BUDGET, "kept dense by the MACs budget")
+        else:
+            policy.decide(c.lp, c.layer, c.method, r, calls[c.module], force, source)
+    result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
+    result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
+    kept = {
+        c.lp.name: whitening[c.module] for c in eligible if c.lp.method and c.module in whitening
+    }
+    result.whitening = kept or None
+    logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
+    return result
+
+
+def _candidates(
+    model: nn.Module, method: str, exclude: list[str], calls: dict[nn.Module, list]
+) -> tuple[list[LayerPlan], list[policy.Candidate]]:
+    """Every layer's plan entry, and the layers a method will factorize. The calls of those
+    are replaced by what their plain layers see (inputs grown by carried-over padding)."""
     inner = policy.inside_factorized(model)
     layers, eligible = [], []
     for module, names in policy.targets(model).items():
-        lp = policy.dense_plan(names[0], module, calls.get(module, []))
+        own = registry.method_of(module)
+        layer = own.dense(module) if own else module
+        if own:
+            lp = policy.factorized_plan(names[0], module, layer, calls)
+        else:
+            lp = policy.dense_plan(names[0], module, calls.get(module, []))
         lp.aliases = names[1:]
         layers.append(lp)
         hit = policy.first_match(names, exclude)
@@ -124,6 +164,12 @@ def plan(
             lp.skip_as(Skip.FACTORIZED, "already factorized")
         elif module not in calls:
             lp.skip_as(Skip.NOT_CALLED, "not called in the forward pass")
+        elif own:
+            chosen, reason = policy.refactor_method(module, method)
+            if chosen is None:
+                lp.skip_as(Skip.LAYER_KIND, reason)
+            else:
+                eligible.append(policy.Candidate(lp, module, layer, chosen))
         else:
             lp.pad, custom = forwards.recognise(module, calls[module][0])
             chosen, skip, reason = policy.method_for(module, method)
@@ -132,33 +178,9 @@ def plan(
             elif chosen is None:
                 lp.skip_as(skip, reason)
             else:
-                eligible.append((lp, module, chosen))
+                eligible.append(policy.Candidate(lp, module, layer, chosen))
                 calls[module] = forwards.padded_calls(module, lp.pad, calls[module])
-    whitening, images = {}, 0
-    if fit == "outputs":
-        whitening, images = _measure_inputs(model, eligible, data, fit_batches)
-    model_macs = count_macs(model, tuple(input_size))
-    if target_macs is None:
-        ranks = [select_ranks(module, chosen, spec) for _, module, chosen in eligible]
-        source = str(spec)
-    else:
-        total = budget.parse_macs_target(target_macs, model_macs)
-        curves = [budget.curve(lp, m, chosen, whitening.get(m)) for lp, m, chosen in eligible]
-        if weigh_layers and curves:
-            budget.measure(model, curves, data, importance_batches)
-        ranks = budget.budget_ranks(curves, calls, total, model_macs)
-        source = f"target-macs:{target_macs}"
-    for (lp, module, chosen), r in zip(eligible, ranks, strict=True):
-        if r is None:
-            lp.skip_as(Skip.BUDGET, "kept dense by the MACs budget")
-        else:
-            policy.decide(lp, module, chosen, r, calls[module], force, source)
-    result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
-    result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
-    kept = {lp.name: whitening[m] for lp, m, _ in eligible if lp.method and m in whitening}
-    result.whitening = kept or None
-    logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
-    return result
+    return layers, eligible
 
 
 def _check_options(
@@ -181,21 +203,21 @@ def _check_options(
 
 
 def _measure_inputs(
-    model: nn.Module, eligible: list, data: Iterable, batches: int
+    model: nn.Module, eligible: list[policy.Candidate], data: Iterable, batches: int
 ) -> tuple[dict[nn.Module, Whitening], int]:
     """The whitening of every eligible layer that its method can fit to its outputs (and that
     is small enough, see :data:`~decomp.plan.statistics.MAX_FEATURES`); marks them."""
     fitted = [
-        (lp, m)
-        for lp, m, chosen in eligible
-        if chosen.fits_outputs and statistics.input_features(m) <= statistics.MAX_FEATURES
+        c
+        for c in eligible
+        if c.method.fits_outputs and statistics.input_features(c.layer) <= statistics.MAX_FEATURES
     ]
     if not fitted:
         return {}, 0
-    moments, images = statistics.input_moments(model, [m for _, m in fitted], data, batches)
-    for lp, m in fitted:
-        if m in moments:
-            lp.fit = "outputs"
+    moments, images = statistics.input_moments(model, [c.module for c in fitted], data, batches)
+    for c in fitted:
+        if c.module in moments:
+            c.lp.fit = "outputs"
     return statistics.whitenings(moments), images
 
 

@@ -19,7 +19,8 @@ from decomp.factorize.base import Whitening
 from decomp.factorize.padding import Padded, pad_module
 from decomp.metrics import count_macs, count_params
 from decomp.plan.forwards import padded_calls
-from decomp.plan.model import Plan
+from decomp.plan.model import LayerPlan, Plan
+from decomp.plan.policy import factorized_plan
 from decomp.plan.statistics import input_moments, whitenings
 from decomp.plan.trace import dense_costs, trace_calls
 
@@ -34,17 +35,29 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"{name}: the plan names a layer this model does not have") from None
 
 
-def _check_fits(module: nn.Module, name: str, kind: str, shape: list[int]) -> None:
-    expected = nn.Linear if kind == "linear" else nn.Conv2d
+def _plain_layer(module: nn.Module, lp: LayerPlan) -> nn.Module:
+    """The plain layer the plan factorizes at ``lp``: the module itself, or for a layer that is
+    already factorized the plain layer it computes; a ValueError when the model does not fit."""
+    if lp.previous_ranks:
+        method = registry.get(lp.method)
+        if not isinstance(module, method.module_types):
+            raise ValueError(
+                f"{lp.name}: the plan re-factorizes a {lp.method} module, "
+                f"the model has {type(module).__name__}"
+            )
+        module = method.dense(module)
+    expected = nn.Linear if lp.kind == "linear" else nn.Conv2d
     if not isinstance(module, expected):
         raise ValueError(
-            f"{name}: the plan expects {expected.__name__}, the model has {type(module).__name__}"
+            f"{lp.name}: the plan expects {expected.__name__}, "
+            f"the model has {type(module).__name__}"
         )
-    if list(module.weight.shape) != list(shape):
+    if list(module.weight.shape) != list(lp.shape):
         raise ValueError(
-            f"{name}: the plan expects weight shape {shape}, "
+            f"{lp.name}: the plan expects weight shape {lp.shape}, "
             f"the model has {list(module.weight.shape)}"
         )
+    return module
 
 
 def apply(
@@ -76,17 +89,17 @@ def apply(
     target = model if inplace else copy.deepcopy(model)
     for lp in plan.decomposed:
         module = _layer(target, lp.name)
-        _check_fits(module, lp.name, lp.kind, lp.shape)
+        layer = _plain_layer(module, lp)
         try:
             method = registry.get(lp.method)
             if init == "structure":
-                new = method.build(module, list(lp.ranks))
+                new = method.build(layer, list(lp.ranks))
             elif lp.name in whitening:
-                new = method.factorize(module, list(lp.ranks), whitening=whitening[lp.name])
+                new = method.factorize(layer, list(lp.ranks), whitening=whitening[lp.name])
             else:
-                new = method.factorize(module, list(lp.ranks))
+                new = method.factorize(layer, list(lp.ranks))
             if lp.pad is not None:
-                new = Padded(pad_module(lp.pad, module), new)
+                new = Padded(pad_module(lp.pad, layer), new)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{lp.name}: {exc}") from exc
         new.train(module.training)
@@ -131,11 +144,17 @@ def recount(model: nn.Module, p: Plan) -> Plan:
     for lp in p.layers:
         module = _layer(model, lp.name)
         layer_calls = calls.get(module, [])
-        macs, params = dense_costs(module, layer_calls)
+        if lp.previous_ranks:
+            layer = _plain_layer(module, lp)
+            now = factorized_plan(lp.name, module, layer, calls)
+            macs, params = now.macs_before, now.params_before
+        else:
+            layer = module
+            macs, params = dense_costs(module, layer_calls)
         after = (macs, params)
         if lp.method:
-            seen = padded_calls(module, lp.pad, layer_calls)
-            after = registry.get(lp.method).costs(module, lp.ranks, seen)
+            seen = padded_calls(layer, lp.pad, layer_calls)
+            after = registry.get(lp.method).costs(layer, lp.ranks, seen)
         layers.append(
             replace(
                 lp,

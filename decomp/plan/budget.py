@@ -10,7 +10,7 @@ shape that the greedy marginal allocation of :func:`rank_selection.budget.alloca
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from decomp.factorize.linalg import gram_eigh
 from decomp.factorize.registry import Call, Method, RankGrid
 from decomp.plan.importance import output_damage
 from decomp.plan.model import LayerPlan
+from decomp.plan.policy import Candidate
 from rank_selection import evbmf_spectrum
 from rank_selection.budget import BudgetLayer, allocate
 
@@ -101,6 +102,7 @@ class Curve:
 
     lp: LayerPlan
     module: nn.Module
+    layer: nn.Module
     method: Method
     modes: list[Mode]
     grid: RankGrid
@@ -119,7 +121,7 @@ class Curve:
     def projection(self, k: int) -> torch.Tensor:
         """The kernel projected on the leading singular vectors of each mode at step k (in
         the whitened space of an output-aware curve, then mapped back)."""
-        weight = self.module.weight.detach()
+        weight = self.layer.weight.detach()
         w = fitted_weight(weight, self.whitening)
         for i, (mode, rank) in enumerate(zip(self.modes, self.ranks(k), strict=True)):
             basis = mode.basis(rank)
@@ -141,19 +143,21 @@ def fitted_weight(weight: torch.Tensor, whitening: Whitening | None) -> torch.Te
     return weight if whitening is None else _input_product(weight.double(), whitening.root)
 
 
-def curve(
-    lp: LayerPlan, module: nn.Module, method: Method, whitening: Whitening | None = None
-) -> Curve:
-    """The error curve of ``module`` under ``method``, in output space with ``whitening``; a
-    ValueError if the method has none."""
-    grid = method.grid(module, GRID)
+def curve(candidate: Candidate, whitening: Whitening | None = None) -> Curve:
+    """The error curve of a candidate layer under its method, in output space with
+    ``whitening``; a ValueError if the method has none. An already factorized layer's ranks
+    stop at the ranks it has."""
+    layer, method, cap = candidate.layer, candidate.method, candidate.lp.previous_ranks
+    grid = method.grid(layer, GRID)
     if grid is None:
         raise ValueError(
             f"{method.name} has no error curve for a MACs budget; use a method with one or auto"
         )
-    fitted = fitted_weight(module.weight.detach(), whitening)
+    if cap:
+        grid = replace(grid, ranks=lambda k, ranks=grid.ranks: list(map(min, ranks(k), cap)))
+    fitted = fitted_weight(layer.weight.detach(), whitening)
     modes = [spectral_mode(m) for m in method.unfoldings(fitted)]
-    return Curve(lp, module, method, modes, grid, whitening)
+    return Curve(candidate.lp, candidate.module, layer, method, modes, grid, whitening)
 
 
 def budget_ranks(
@@ -165,7 +169,7 @@ def budget_ranks(
     for c in curves:
 
         def cost(k: tuple[int], c: Curve = c) -> int:
-            return c.method.costs(c.module, c.ranks(k[0]), calls[c.module])[0]
+            return c.method.costs(c.layer, c.ranks(k[0]), calls[c.module])[0]
 
         entries.append(
             BudgetLayer(
@@ -187,7 +191,9 @@ def measure(model: nn.Module, curves: list[Curve], data: Iterable, batches: int)
     is replaced by the projection there and the output damage is measured (see
     :mod:`decomp.plan.importance`); the scale is damage / estimated error, relative to the mean
     over all probes, interpolated linearly in k between probes and held beyond them. A probe
-    that changes nothing leaves the mean; no scale falls below 1e-3 of it."""
+    that changes nothing leaves the mean; no scale falls below 1e-3 of it. Already factorized
+    layers have no single kernel to swap and keep scale 1."""
+    curves = [c for c in curves if c.module is c.layer]
     points = [sorted({max(1, round(f * c.grid.steps)) for f in PROBES}) for c in curves]
     layers = [c.module for c, ks in zip(curves, points, strict=True) for _ in ks]
     probes = [c.projection(k) for c, ks in zip(curves, points, strict=True) for k in ks]

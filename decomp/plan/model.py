@@ -63,6 +63,10 @@ class LayerPlan:
     fit: str = "weights"
     """What the factorization fits: "weights", or "outputs" on calibration data (see
     :mod:`decomp.plan.statistics`)."""
+    previous_ranks: list[int] = field(default_factory=list)
+    """For a layer that is already factorized (a second decomposition): the ranks it has now.
+    It is re-factorized at lower ranks of the same method (its 'shape' is that of the weight
+    its factors define), so that factorized modules merge instead of nesting."""
     """Zero padding the layer did in its own forward, carried over in front of its factorized
     module: "same" (TensorFlow's, computed per input) or fixed [left, right, top, bottom]; None
     for a plain layer (see :mod:`decomp.plan.forwards`)."""

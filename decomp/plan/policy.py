@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
@@ -20,11 +21,24 @@ from decomp.plan.trace import TARGET_TYPES, dense_costs
 from rank_selection import RankSpec
 
 
+@dataclass
+class Candidate:
+    """A layer a method will factorize: its plan entry, the module that the surgery replaces,
+    the plain layer whose weight is factorized (the module itself, or for an already
+    factorized module the plain layer it computes) and the method."""
+
+    lp: LayerPlan
+    module: nn.Module
+    layer: nn.Module
+    method: Method
+
+
 def targets(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Every Conv2d / Linear with all the qualified names it is reachable under."""
+    """Every Conv2d / Linear and every factorized module, with all the qualified names it is
+    reachable under."""
     names: dict[nn.Module, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, TARGET_TYPES):
+        if isinstance(module, TARGET_TYPES) or registry.method_of(module):
             names.setdefault(module, []).append(name)
     return names
 
@@ -44,6 +58,29 @@ def dense_plan(name: str, layer: nn.Module, calls: Sequence[Call]) -> LayerPlan:
     macs, params = dense_costs(layer, calls)
     kind = "linear" if isinstance(layer, nn.Linear) else "conv"
     return LayerPlan(name, kind, list(layer.weight.shape), None, [], macs, macs, params, params)
+
+
+def factorized_plan(
+    name: str, module: Factorized, dense: nn.Module, calls: dict[nn.Module, list[Call]]
+) -> LayerPlan:
+    """The plan entry of an already factorized module as it is: the costs of its layers, the
+    shape of the weight they compute, the ranks it has."""
+    macs = sum(dense_costs(child, calls.get(child, []))[0] for child in module.children())
+    params = sum(p.numel() for p in module.parameters())
+    lp = dense_plan(name, dense, [])
+    lp.macs_before = lp.macs_after = macs
+    lp.params_before = lp.params_after = params
+    lp.previous_ranks = list(module.ranks)
+    return lp
+
+
+def refactor_method(module: Factorized, requested: str) -> tuple[Method | None, str]:
+    """An already factorized module is re-factorized by its own method (under that method's
+    name or auto), or left alone."""
+    own = registry.method_of(module)
+    if requested in (own.name, registry.AUTO):
+        return own, ""
+    return None, f"factorized by {own.name}; decompose again with {own.name} or auto"
 
 
 def first_match(names: Iterable[str], patterns: Sequence[str]) -> str | None:
@@ -70,11 +107,15 @@ def method_for(layer: nn.Module, requested: str) -> tuple[Method | None, Skip | 
     return None, Skip.LAYER_KIND, f"{why}; use {' or '.join([*others, registry.AUTO])}"
 
 
-def select_ranks(layer: nn.Module, method: Method, spec: RankSpec) -> list[int]:
+def select_ranks(
+    layer: nn.Module, method: Method, spec: RankSpec, cap: Sequence[int] = ()
+) -> list[int]:
     """Ranks for ``layer`` under ``spec``: one per unfolding from its singular values, combined
-    into the method's ranks (see :class:`~decomp.factorize.registry.Method`)."""
+    into the method's ranks (see :class:`~decomp.factorize.registry.Method`); never above
+    ``cap`` (the ranks an already factorized layer has)."""
     matrices = method.unfoldings(layer.weight.detach())
-    return method.combine([spec.select(_spectrum(m, spec), tuple(m.shape)) for m in matrices])
+    ranks = method.combine([spec.select(_spectrum(m, spec), tuple(m.shape)) for m in matrices])
+    return [min(r, c) for r, c in zip(ranks, cap, strict=True)] if cap else ranks
 
 
 def _spectrum(matrix, spec: RankSpec) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import nn
 
 from decomp._utils import model_device, model_dtype, training_flags
 from decomp.factorize.base import numel
-from decomp.factorize.registry import Call
+from decomp.factorize.registry import Call, method_of
 
 TARGET_TYPES = (nn.Conv2d, nn.Linear)
 """The layer types a plan considers (subclasses included: the policy decides about those)."""
@@ -22,7 +22,8 @@ TARGET_TYPES = (nn.Conv2d, nn.Linear)
 
 @torch.no_grad()
 def trace_calls(model: nn.Module, input_size: Sequence[int]) -> dict[nn.Module, list[Call]]:
-    """Shapes seen by every Conv2d and Linear in one eval-mode forward pass at batch 1.
+    """Shapes seen by every Conv2d and Linear, and every factorized module as a whole, in one
+    eval-mode forward pass at batch 1.
 
     The model's training flags are restored afterwards.
     """
@@ -31,7 +32,7 @@ def trace_calls(model: nn.Module, input_size: Sequence[int]) -> dict[nn.Module, 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         calls.setdefault(module, []).append(Call(tuple(args[0].shape), tuple(output.shape)))
 
-    layers = [m for m in model.modules() if isinstance(m, TARGET_TYPES)]
+    layers = [m for m in model.modules() if isinstance(m, TARGET_TYPES) or method_of(m)]
     handles = [m.register_forward_hook(hook) for m in layers]
     x = torch.zeros(1, *input_size, device=model_device(model), dtype=model_dtype(model))
     try:
