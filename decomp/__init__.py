@@ -7,6 +7,7 @@ compressed = decomp.decompose(model, method="tucker", rank="vbmf", input_size=(3
 from decomp import factorize
 from decomp.batchnorm import calibrate
 from decomp.checkpoint import load, save
+from decomp.fuse import fuse
 from decomp.metrics import competition_score, count_macs, count_params
 from decomp.plan import LayerPlan, Plan, applied_plans, apply, decompose, plan
 
@@ -24,6 +25,7 @@ __all__ = [
     "count_params",
     "decompose",
     "factorize",
+    "fuse",
     "load",
     "plan",
     "save",
