@@ -14,8 +14,13 @@ What each counter charges per layer (read from the installed sources, checked by
 - ptflops 0.6.x (``count_macs_competition``, the organizers' counter): Conv2d
   ``kh*kw*Cin*(Cout/groups)*Hout*Wout`` plus ``Cout*Hout*Wout`` with a bias; BatchNorm
   ``numel(input)``, doubled when affine; Linear ``numel(input)*out + out`` with a bias; every
-  pooling ``numel(input)``; the ignored activations 0; anything whose *exact* type is not in its
-  table (subclasses, functional calls, residual adds) 0.
+  pooling ``numel(input)``; the ignored activations 0; functional calls and residual adds 0.
+  Its tables match exact types, so on its own it counts a subclass of nn.Conv2d (the "same"
+  padding convs of TensorFlow ports, say) as 0; ``count_macs_competition`` gives each subclass
+  the rule of the class it derives from, so that both counters see every layer.
+
+:func:`uncounted_layers` names the layer types with parameters that a counter has no rule for,
+so that a gap between the two counts is reported rather than hidden.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ def count_macs_competition(model: nn.Module, input_size: Sequence[int] = (3, 32,
         macs, _ = get_model_complexity_info(
             clone,
             size,
+            custom_modules_hooks=_subclass_hooks(clone),
             as_strings=False,
             print_per_layer_stat=False,
             verbose=False,
@@ -100,6 +106,36 @@ def count_macs_competition(model: nn.Module, input_size: Sequence[int] = (3, 32,
     if sink.getvalue():
         logger.debug("ptflops said: %s", sink.getvalue().strip())
     return int(round(float(macs)))
+
+
+def _subclass_hooks(model: nn.Module) -> dict[type, Any]:
+    """ptflops hooks for the module types it lacks that derive from one it has."""
+    from ptflops.pytorch_ops import MODULES_MAPPING
+
+    hooks: dict[type, Any] = {}
+    for kind in {type(m) for m in model.modules()} - set(MODULES_MAPPING):
+        base = next((b for b in kind.__mro__[1:] if b in MODULES_MAPPING), None)
+        if base is not None:
+            hooks[kind] = MODULES_MAPPING[base]
+    return hooks
+
+
+def uncounted_layers(model: nn.Module) -> dict[str, list[str]]:
+    """The module types holding parameters of their own that each counter charges nothing
+    for: ``{"thop": [...], "ptflops": [...]}``, type names sorted (empty lists: no gap).
+
+    thop resolves rules through the class hierarchy; ptflops, as :func:`count_macs_competition`
+    calls it, matches exact types plus the subclasses given their base's rule.
+    """
+    from ptflops.pytorch_ops import MODULES_MAPPING
+    from thop.profile import register_hooks
+
+    owners = {type(m) for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
+    ptflops_types = set(MODULES_MAPPING) | set(_subclass_hooks(model))
+    return {
+        "thop": sorted(t.__name__ for t in owners if not set(t.__mro__) & set(register_hooks)),
+        "ptflops": sorted(t.__name__ for t in owners if t not in ptflops_types),
+    }
 
 
 def count_params(model: nn.Module) -> int:

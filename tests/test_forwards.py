@@ -13,7 +13,8 @@ from torch import nn
 
 import decomp
 from decomp.factorize.padding import Padded, SamePad2d, same_pads
-from decomp.plan import Skip
+from decomp.metrics import count_macs_competition, uncounted_layers
+from decomp.plan import Skip, trace_calls
 
 SIZE = (3, 15, 15)  # odd, so that stride-2 "same" padding is asymmetric
 
@@ -142,3 +143,27 @@ def test_padded_layers_save_and_load(tmp_path: Path) -> None:
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), compressed(x))
+
+
+def test_both_counters_see_subclass_convs() -> None:
+    model = same_net()
+    p = decomp.plan(model, "tucker", "ratio:1.0", SIZE, force=True)
+    dense = sum(lp.macs_before for lp in p.layers)  # the closed form of every conv and linear
+    assert decomp.count_macs(model, SIZE) == dense == p.model_macs
+    calls = trace_calls(model, SIZE)
+    biases = sum(math.prod(c.out[1:]) for m, cs in calls.items() if m.bias is not None for c in cs)
+    assert count_macs_competition(model, SIZE) == dense + biases  # ptflops adds the biases
+    assert uncounted_layers(model) == {"thop": [], "ptflops": []}
+
+
+def test_a_counter_gap_is_named() -> None:
+    class Scaled(nn.Module):  # parameters, but no counter knows what it computes
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale[:, None, None]
+
+    model = nn.Sequential(Scaled(), nn.Conv2d(3, 4, 3))
+    assert uncounted_layers(model) == {"thop": ["Scaled"], "ptflops": ["Scaled"]}
