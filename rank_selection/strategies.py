@@ -170,7 +170,7 @@ def min_rank(shape: tuple[int, int], fraction: float = MIN_RANK_FRACTION) -> int
 def _vbmf(s: np.ndarray, shape: tuple[int, int], weakening: float | None) -> int:
     """EVBMF rank, optionally moved towards full rank by ``1 - weakening``, at least the floor
     (plain ``vbmf`` keeps 0, which means "only noise")."""
-    r_vbmf = evbmf_spectrum(s, shape).rank
+    r_vbmf = evbmf_spectrum(s, shape).checked_rank
     if weakening is None and r_vbmf == 0:
         return 0
     r_full = min(shape)

@@ -27,8 +27,9 @@ searched within the paper's bounds ``[sigma2_lo, sigma2_hi]`` (see ``_sigma2_bou
 Everything runs on the spectrum rescaled so that ``sum gamma_h^2 / (L M) = 1``, so the rank does not
 depend on the scale of the weights; ``sigma2`` and ``threshold`` are reported in the input's scale.
 
-The noise-model check. With ``sigma2`` estimated, EVB always finds *some* noise level, and a
-spectrum with no noise in it at all (trained weights) is still split into "signal" and "noise":
+The noise-model check (``checked_rank``). With ``sigma2`` estimated, EVB always finds *some*
+noise level, and a spectrum with no noise in it at all (trained weights) is still split into
+"signal" and "noise":
 a flat spectrum becomes all noise (rank 0), a smoothly decaying one keeps its few largest values
 (ranks 1 to 4 on 16x96 1x1 convs of a pretrained EfficientNet-Lite, 19 on its 1000x1280
 classifier), and EVB can never keep more than about ``L / (1 + alpha)`` components (half of a
@@ -46,10 +47,12 @@ to the sample size", Annals of Statistics 30(4), 2002):
 ``z`` has mean -0.84 to 0.07 and standard deviation 0.30 to 1.06, ``P(z > 3.5)`` at most 0.5%
 (2x50, 6x50) and ``P(z < -3.5)`` 0 in every draw.
 ``z < -NOISE_Z``: the discarded values are flatter than any noise of that shape (a plateau, not a
-bulk), so they are signal and the rank is ``L``. ``z > NOISE_Z``: they are more spread than noise,
-so EVB stopped too early; the rank is raised one at a time until the rest passes (or full rank
-if the rest turns out flatter than noise on the way). The check only raises EVB's rank; with
-fewer than two values left it cannot reject. It is skipped when ``sigma2`` is given.
+bulk), so they are signal and ``checked_rank`` is ``L``. ``z > NOISE_Z``: they are more spread
+than noise, so EVB stopped too early; the rank is raised one at a time until the rest passes (or
+to ``L`` if the rest turns out flatter than noise on the way). ``checked_rank >= rank``; with
+fewer than two values left the check cannot reject. With ``sigma2`` given there is nothing to
+check (``checked_rank == rank``). ``rank`` stays EVB's own answer, which the MACs budget of
+``decomp.plan`` uses as a soft prior; the vbmf rank strategies use ``checked_rank``.
 """
 
 from __future__ import annotations
@@ -96,11 +99,12 @@ class EVBMFResult:
         rank: number of singular values kept, in ``[0, L]``.
         sigma2: noise variance (estimated, or the one given), in the input's scale.
         singular_values: shape ``(L,)``, float64, descending (zero-padded if fewer were given).
-        threshold: the EVB threshold, in the input's scale: ``evb_rank`` values lie above it.
+        threshold: singular values strictly above it are kept, in the input's scale.
         shape: ``(L, M)`` with ``L <= M``.
-        evb_rank: EVB's own rank, before the noise-model check (``rank >= evb_rank``).
-        noise_z: sphericity score of the values EVB discards (see the module docstring);
-            ``|noise_z| <= NOISE_Z`` means they look like noise. None when not checked.
+        checked_rank: ``rank`` raised until the values left look like noise (module docstring),
+            in ``[rank, L]``.
+        noise_z: sphericity score of the values EVB discards; ``|noise_z| <= NOISE_Z`` means
+            they look like noise. None when ``sigma2`` was given or the matrix is zero.
     """
 
     rank: int
@@ -108,8 +112,8 @@ class EVBMFResult:
     singular_values: np.ndarray
     threshold: float
     shape: tuple[int, int]
-    evb_rank: int = 0
-    noise_z: float | None = None
+    checked_rank: int
+    noise_z: float | None
 
 
 def _phi(z: float) -> float:
@@ -268,9 +272,7 @@ def _refine(grid: np.ndarray, i: int, s2: np.ndarray, shape: tuple[int, int]) ->
     return float(pair[int(np.argmin(_free_energy(pair, s2, shape)))])
 
 
-def evbmf_spectrum(
-    s: Any, shape: tuple[int, int], sigma2: float | None = None, check: bool = True
-) -> EVBMFResult:
+def evbmf_spectrum(s: Any, shape: tuple[int, int], sigma2: float | None = None) -> EVBMFResult:
     """EVBMF rank of a matrix from its singular values alone.
 
     Args:
@@ -278,8 +280,6 @@ def evbmf_spectrum(
             missing ones (``H < min(shape)``) are taken as zero.
         shape: the matrix shape, ``(L, M)`` or ``(M, L)``: the result is the same.
         sigma2: known noise variance; ``None`` estimates it (empirical Bayes).
-        check: with ``sigma2`` estimated, raise the rank where the discarded values are not
-            noise-like (module docstring); False gives EVB's rank alone.
 
     Returns:
         The EVBMF result; ``rank`` is in ``[0, min(shape)]``.
@@ -297,26 +297,31 @@ def evbmf_spectrum(
     values.flags.writeable = False
     if sigma2 is not None:
         return _with_known_sigma2(values, dims, sigma2)
-    return _with_estimated_sigma2(values, dims, check)
+    return _with_estimated_sigma2(values, dims)
 
 
-def _with_estimated_sigma2(values: np.ndarray, dims: tuple[int, int], check: bool) -> EVBMFResult:
+def _with_estimated_sigma2(values: np.ndarray, dims: tuple[int, int]) -> EVBMFResult:
     """EVB with the noise variance estimated, on the spectrum rescaled to unit mean square."""
     if values[0] == 0.0:
-        return EVBMFResult(0, 0.0, values, 0.0, dims)
+        return EVBMFResult(0, 0.0, values, 0.0, dims, 0, None)
     relative = values / values[0]  # a new, writable array
     relative[relative <= max(dims) * _EPS] = 0.0  # rounding noise of an exactly low-rank matrix
     scale = values[0] * math.sqrt(float(np.sum(relative**2)) / (dims[0] * dims[1]))
     scaled = relative * (values[0] / scale)  # now sum(scaled**2) / (L M) == 1
     sigma2_scaled = math.exp(_estimate_log_sigma2(scaled**2, dims))
     threshold = math.sqrt(dims[1] * sigma2_scaled * _x_bar(dims[0] / dims[1]))
-    evb_rank = int(np.count_nonzero(scaled > threshold))
-    rank, z = evb_rank, None
-    if check:
-        scores = noise_z_scores(relative, dims)
-        rank, z = _checked_rank(scores, evb_rank), float(scores[evb_rank])
+    rank = int(np.count_nonzero(scaled > threshold))
+    scores = noise_z_scores(relative, dims)
     sigma2 = float(sigma2_scaled * scale**2)
-    return EVBMFResult(rank, sigma2, values, float(threshold * scale), dims, evb_rank, z)
+    return EVBMFResult(
+        rank,
+        sigma2,
+        values,
+        float(threshold * scale),
+        dims,
+        _checked_rank(scores, rank),
+        float(scores[rank]) if rank < dims[0] else None,
+    )
 
 
 def noise_z_scores(s: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -362,7 +367,7 @@ def _with_known_sigma2(values: np.ndarray, dims: tuple[int, int], sigma2: float)
         raise ValueError(f"sigma2 must be finite and >= 0; got {sigma2!r}")
     threshold = math.sqrt(dims[1] * sigma2 * _x_bar(dims[0] / dims[1]))
     rank = int(np.count_nonzero(values > threshold))
-    return EVBMFResult(rank, sigma2, values, threshold, dims, rank)
+    return EVBMFResult(rank, sigma2, values, threshold, dims, rank, None)
 
 
 def singular_values(y: Any) -> np.ndarray:
@@ -401,17 +406,16 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def evbmf(y: Any, sigma2: float | None = None, check: bool = True) -> EVBMFResult:
+def evbmf(y: Any, sigma2: float | None = None) -> EVBMFResult:
     """EVBMF rank of a 2-D matrix (Nakajima et al., JMLR 14, 2013).
 
     Args:
         y: shape ``(rows, cols)``, numpy array or torch tensor of any float dtype on any device
             (copied to CPU float64). ``y`` and ``y.T`` give the same result.
         sigma2: known noise variance; ``None`` estimates it.
-        check: the noise-model check of :func:`evbmf_spectrum`.
 
     Returns:
         The EVBMF result; ``rank`` is in ``[0, min(rows, cols)]``.
     """
     shape = tuple(getattr(y, "shape", np.shape(y)))
-    return evbmf_spectrum(singular_values(y), shape, sigma2=sigma2, check=check)
+    return evbmf_spectrum(singular_values(y), shape, sigma2=sigma2)

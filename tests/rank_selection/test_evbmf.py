@@ -49,7 +49,8 @@ def test_tau_at_square_is_the_zero_of_phi() -> None:
 )
 def test_planted_rank_is_recovered(rows: int, cols: int, rank: int) -> None:
     for seed in range(3):
-        assert evbmf(planted(rows, cols, rank, seed)).rank == rank, f"seed {seed}"
+        result = evbmf(planted(rows, cols, rank, seed))
+        assert result.rank == result.checked_rank == rank, f"seed {seed}"
 
 
 @pytest.mark.parametrize(("rows", "cols", "rank"), [(64, 576, 10), (200, 50, 5), (150, 150, 10)])
@@ -66,10 +67,10 @@ def test_rank_is_invariant_to_transpose_and_scale(rows: int, cols: int, rank: in
     y = planted(rows, cols, rank, seed=1)
     base = evbmf(y)
     assert base.rank == rank
-    assert evbmf(y.T).rank == rank
+    assert evbmf(y.T).rank == evbmf(y.T).checked_rank == rank
     for c in SCALES:
         scaled = evbmf(c * y)
-        assert scaled.rank == rank, f"c={c}"
+        assert scaled.rank == scaled.checked_rank == rank, f"c={c}"
         assert scaled.sigma2 == pytest.approx(c**2 * base.sigma2, rel=1e-6)
         assert scaled.threshold == pytest.approx(c * base.threshold, rel=1e-6)
 
@@ -79,7 +80,7 @@ def test_pure_noise_gives_rank_zero(rows: int, cols: int) -> None:
     rng = np.random.default_rng(rows * cols)
     for _ in range(3):
         result = evbmf(rng.standard_normal((rows, cols)))
-        assert result.rank == 0
+        assert result.rank == result.checked_rank == 0
         if rows * cols > 1000:
             assert result.sigma2 == pytest.approx(1.0, rel=0.1)
 
@@ -145,7 +146,7 @@ def test_zero_matrix_and_tiny_flat_spectrum_give_rank_zero() -> None:
     # Five equal values: the flattest spectrum there is, yet z = -(5 + 1) / 2 = -3 is within
     # NOISE_Z: too few values to tell a plateau of signal from noise, so EVB's 0 stands.
     flat = evbmf_spectrum(np.full(5, 3.0), (5, 9))
-    assert flat.rank == flat.evb_rank == 0
+    assert flat.rank == flat.checked_rank == 0
     assert flat.noise_z == pytest.approx(-3.0)
     assert flat.sigma2 == pytest.approx(9.0 / 9)  # sum s^2 / (L M) = 5 * 9 / 45
 
@@ -190,12 +191,11 @@ def test_spectrum_flatter_than_noise_is_full_rank_signal(
     # ratio 1: a semi-orthogonal matrix. Noise of these shapes spreads its singular values by
     # (1 + sqrt(L/M)) / (1 - sqrt(L/M)) = 2.4 to 3.7, so a spread of 1.5 cannot be noise.
     y = with_spectrum(*shape, np.linspace(ratio, 1.0, min(shape)))
-    raw = evbmf(y, check=False)
-    assert raw.rank == 0  # the cause: a flat spectrum gives EVB nothing to call signal
-    checked = evbmf(y)
-    assert checked.evb_rank == 0 and checked.noise_z < -NOISE_Z
-    assert checked.rank == min(shape)
-    assert evbmf(y.T).rank == evbmf(1e-4 * y).rank == min(shape)
+    result = evbmf(y)
+    assert result.rank == 0  # the cause: a flat spectrum gives EVB nothing to call signal
+    assert result.noise_z < -NOISE_Z
+    assert result.checked_rank == min(shape)
+    assert evbmf(y.T).checked_rank == evbmf(1e-4 * y).checked_rank == min(shape)
 
 
 @pytest.mark.parametrize(
@@ -209,11 +209,10 @@ def test_smoothly_decaying_spectrum_is_not_cut_to_its_top(
     # which is more spread than noise of that shape; the check keeps adding values until what is
     # left could be noise.
     y = with_spectrum(*shape, np.linspace(ratio, 1.0, min(shape)))
-    checked = evbmf(y)
-    assert checked.evb_rank == evbmf(y, check=False).rank == raw_rank
-    assert checked.noise_z > NOISE_Z
-    assert checked.rank >= at_least
-    left = noise_z_scores(checked.singular_values, shape)[checked.rank]
+    result = evbmf(y)
+    assert result.rank == raw_rank and result.noise_z > NOISE_Z
+    assert result.checked_rank >= at_least
+    left = noise_z_scores(result.singular_values, shape)[result.checked_rank]
     assert abs(left) <= NOISE_Z
 
 
@@ -228,21 +227,21 @@ def test_check_never_overshoots_a_weak_planted_rank(rows: int, cols: int, rank: 
         edge = math.sqrt(rows) + math.sqrt(cols)
         y = (u * (edge * np.linspace(0.8, 1.6, rank))) @ v.T + rng.standard_normal((rows, cols))
         result = evbmf(y)
-        assert result.evb_rank <= result.rank <= rank, f"seed {seed}"
+        assert result.rank <= result.checked_rank <= rank, f"seed {seed}"
 
 
 def test_known_sigma2_is_not_checked() -> None:
     y = with_spectrum(16, 96, np.ones(16))
     result = evbmf(y, sigma2=1.0)
-    assert result.noise_z is None and result.rank == result.evb_rank
+    assert result.noise_z is None and result.rank == result.checked_rank == 0
 
 
 def test_exactly_low_rank_matrix_keeps_its_rank() -> None:
     rng = np.random.default_rng(4)
     y = rng.standard_normal((30, 3)) @ rng.standard_normal((3, 90))
     for c in SCALES:
-        assert evbmf(c * y).rank == 3
-        assert evbmf(c * y.T).rank == 3
+        assert evbmf(c * y).rank == evbmf(c * y).checked_rank == 3
+        assert evbmf(c * y.T).rank == evbmf(c * y.T).checked_rank == 3
 
 
 def test_missing_singular_values_count_as_zero() -> None:
@@ -292,8 +291,9 @@ def test_property_rank_in_bounds_and_invariant(y: np.ndarray, c: float) -> None:
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
-@given(y=matrices())
-def test_property_the_check_only_raises_the_rank(y: np.ndarray) -> None:
-    checked, raw = evbmf(y), evbmf(y, check=False)
-    assert checked.evb_rank == raw.rank <= checked.rank <= min(y.shape)
-    assert raw.noise_z is None
+@given(y=matrices(), c=st.sampled_from(SCALES))
+def test_property_checked_rank_in_bounds_and_invariant(y: np.ndarray, c: float) -> None:
+    result = evbmf(y)
+    assert result.rank <= result.checked_rank <= min(y.shape)
+    assert evbmf(y.T).checked_rank == result.checked_rank
+    assert evbmf(c * y).checked_rank == result.checked_rank
