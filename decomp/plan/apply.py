@@ -3,6 +3,13 @@
 Residual and custom forwards keep working because only the planned layers are replaced
 (``setattr`` on their parents), never a whole ``nn.Sequential``. A module reachable under
 several names is replaced under all of them by the same new module.
+
+A plan describes plain ``nn.Conv2d`` / ``nn.Linear`` layers. A model may hold other kinds of
+layer that compute one (tensorly-torch's factorized layers): a *source adapter*, registered
+with :func:`register_source`, gives the plain layer such a module computes, and apply puts
+that in its place wherever the plan names it (factorized where the plan says so, plain where
+it skips the layer). That is how a conversion from another library is recorded as a plan, and
+rebuilt from a saved file.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from decomp.factorize import registry
-from decomp.factorize.base import Whitening
+from decomp.factorize.base import Factorized, Whitening
 from decomp.factorize.padding import Padded, pad_module
 from decomp.metrics import count_macs, count_params
 from decomp.plan.forwards import padded_calls
@@ -27,12 +34,46 @@ from decomp.plan.trace import dense_costs, trace_calls
 PLANS_ATTR = "_decomp_plans"
 INITS = ("decompose", "structure")
 
+SourceAdapter = Callable[[nn.Module], nn.Module | None]
+"""``adapter(module)``: the plain nn.Conv2d / nn.Linear that ``module`` computes (its weight,
+bias and hyper-parameters), or None for a module the adapter does not know."""
+_SOURCES: list[SourceAdapter] = []
 
-def _layer(model: nn.Module, name: str) -> nn.Module:
+
+def register_source(adapter: SourceAdapter) -> SourceAdapter:
+    """Let plans name modules that are not plain layers but compute one (see the module
+    docstring); registering the same adapter twice has no effect."""
+    if adapter not in _SOURCES:
+        _SOURCES.append(adapter)
+    return adapter
+
+
+def _plain_source(module: nn.Module) -> nn.Module | None:
+    """The plain layer a registered adapter gives for ``module``; None for a plain or
+    factorized module, or one that no adapter knows."""
+    if isinstance(module, nn.Conv2d | nn.Linear | Factorized):
+        return None
+    return next((p for p in (adapt(module) for adapt in _SOURCES) if p is not None), None)
+
+
+def _swap(model: nn.Module, lp: LayerPlan, new: nn.Module) -> None:
+    for name in [lp.name, *lp.aliases]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"{name}: the plan names a layer this model does not have") from None
+        return None
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    module = _find(model, name)
+    if module is None:
+        raise ValueError(f"{name}: the plan names a layer this model does not have")
+    return module
 
 
 def _plain_layer(module: nn.Module, lp: LayerPlan) -> nn.Module:
@@ -46,6 +87,8 @@ def _plain_layer(module: nn.Module, lp: LayerPlan) -> nn.Module:
                 f"the model has {type(module).__name__}"
             )
         module = method.dense(module)
+    elif (plain := _plain_source(module)) is not None:
+        module = plain
     expected = nn.Linear if lp.kind == "linear" else nn.Conv2d
     if not isinstance(module, expected):
         raise ValueError(
@@ -87,6 +130,10 @@ def apply(
         raise ValueError(f"unknown init {init!r}; expected one of {list(INITS)}")
     whitening = _whitening(model, plan, data) if init == "decompose" else {}
     target = model if inplace else copy.deepcopy(model)
+    for lp in plan.layers:  # a skipped layer that is not plain becomes the plain layer it computes
+        module = None if lp.method else _find(target, lp.name)
+        if module is not None and (plain := _plain_source(module)) is not None:
+            _swap(target, lp, plain.train(module.training))
     for lp in plan.decomposed:
         module = _layer(target, lp.name)
         layer = _plain_layer(module, lp)
@@ -102,10 +149,7 @@ def apply(
                 new = Padded(pad_module(lp.pad, layer), new)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{lp.name}: {exc}") from exc
-        new.train(module.training)
-        for name in [lp.name, *lp.aliases]:
-            parent, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent), child, new)
+        _swap(target, lp, new.train(module.training))
         if progress is not None:
             progress(lp.name)
     setattr(target, PLANS_ATTR, [*applied_plans(target), plan.to_dict()])
