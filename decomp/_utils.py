@@ -145,7 +145,7 @@ def _input_size_error(
     expected = "C,H,W, three positive integers" if dims == 3 else "positive integers"
     if channels:
         expected += f" with C {' or '.join(map(str, channels))}"
-    return ValueError(f"bad {name} {value!r}: expected {expected}, such as 3,32,32")
+    return ValueError(f"bad {name} {value!r}: expected {expected} such as 3,32,32")
 
 
 def parse_input_size(text: str | None, name: str = "--input-size") -> tuple[int, int, int] | None:

@@ -106,9 +106,13 @@ class _Shown:
             self.stack.close()
 
 
-def _show_result(result: CompressResult, json_output: bool, calibrating: bool) -> None:
+def _show_result(
+    result: CompressResult, json_output: bool, dry_run: bool, calibrating: bool
+) -> None:
     p = result.plan
-    if result.status == "nothing_to_decompose":
+    if dry_run and json_output:
+        print_json(p.to_dict())
+    elif result.status == "nothing_to_decompose":
         message = (
             f"nothing to decompose: all {len(p.layers)} layers are skipped under {p.method} at "
             f"rank {p.rank} (reasons in the table); no file written"
@@ -120,9 +124,6 @@ def _show_result(result: CompressResult, json_output: bool, calibrating: bool) -
         else:
             say(message)
     elif result.status == "dry_run":
-        if json_output:
-            print_json(p.to_dict())
-            return
         macs, params = (p.model_macs, p.macs_after), (p.model_params, p.params_after)
         say(totals_line(macs, params, len(p.decomposed), len(p.layers)))
         say("dry run: nothing written")
@@ -269,7 +270,7 @@ def decompose_command(
                 ),
                 size or fixed.input_size,
             )
-        _show_result(result, json_output, bool(data and calibrate_batches))
+        _show_result(result, json_output, dry_run, bool(data and calibrate_batches))
 
 
 # ------------------------------------------------------------------------------ inspect

@@ -36,6 +36,7 @@ from decomp.demo import (
     DEMO_RANK,
     run_demo,
 )
+from decomp.distributed import is_main_process
 from decomp.evaluate import evaluate
 from decomp.metrics import BASELINE_F1, BASELINE_MACS
 from decomp.recipes import (
@@ -147,7 +148,8 @@ def finetune_command(
             progress=not json_output,
             calibrate_batches=calibrate_batches,
         )
-        _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
+        if is_main_process():  # under torchrun, rank 0 wrote the file and reports
+            _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
 
 
 def evaluate_command(

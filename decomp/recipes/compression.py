@@ -45,8 +45,8 @@ class CompressResult:
     """What :func:`compress` did.
 
     Attributes:
-        status: ``"written"``, ``"dry_run"`` (planned, nothing written) or
-            ``"nothing_to_decompose"`` (every layer skipped; nothing written).
+        status: ``"written"``, ``"nothing_to_decompose"`` (every layer skipped; nothing written,
+            also on a dry run) or ``"dry_run"`` (planned, nothing written).
         plan: the plan that was (or would be) applied, its costs measured on the model.
         input: the file the model came from, when known.
         output: the file written, or None.
@@ -140,7 +140,7 @@ def compress(
         plan: a saved (possibly hand-edited) plan to apply instead of planning.
         data: a data spec, bundle or loader: batch norm is re-estimated on its training batches,
             and with ``weigh_layers`` a MACs budget weighs layers by measured damage on them.
-        weigh_layers: with ``target_macs`` and ``data``: :mod:`decomp.importance` weights.
+        weigh_layers: with ``target_macs`` and ``data``: :mod:`decomp.plan.importance` weights.
         calibrate_batches: batches for the batch-norm re-estimation (0: none).
         dry_run: plan only; write nothing.
         on_plan: called with the plan once it is made, before any factorization.
@@ -171,12 +171,22 @@ def compress(
     else:
         weigh = batches() if weigh_layers else None
         with stage("planning" if weigh is None else "measuring layer importance and planning"):
-            p = make_plan(net, method, rank, size, list(exclude), force, target_macs, weigh)
+            p = make_plan(
+                net,
+                method,
+                rank,
+                size,
+                list(exclude),
+                force,
+                target_macs,
+                weigh,
+                weigh_layers=weigh_layers,
+            )
         macs_before = p.model_macs
     if on_plan is not None:
         on_plan(p)
-    if dry_run or not p.decomposed:
-        status = "dry_run" if dry_run else "nothing_to_decompose"
+    if not p.decomposed or dry_run:
+        status = "nothing_to_decompose" if not p.decomposed else "dry_run"
         return CompressResult(status, p, source, None, size)
     start = time.perf_counter()
     compressed = apply(net, p, progress=progress)
@@ -185,7 +195,7 @@ def compress(
     calibrated = False
     if data is not None and calibrate_batches:
         if not has_batchnorm(compressed):
-            logger.warning("no batch-norm layers: nothing to calibrate")
+            logger.info("no batch-norm layers: nothing to calibrate")
         else:
             with stage(f"calibrating batch norm on {calibrate_batches} batches of {data}"):
                 calibrate(compressed, batches(), batches=calibrate_batches)
