@@ -10,6 +10,7 @@ from decomp.checkpoint import load, save
 from decomp.fuse import fuse
 from decomp.metrics import competition_score, count_macs, count_params
 from decomp.plan import LayerPlan, Plan, applied_plans, apply, decompose, plan
+from decomp.tltorch import from_tltorch, to_tltorch
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,10 @@ __all__ = [
     "count_params",
     "decompose",
     "factorize",
+    "from_tltorch",
     "fuse",
     "load",
     "plan",
     "save",
+    "to_tltorch",
 ]
