@@ -5,8 +5,8 @@ method (tucker, cp, svd, auto) at one rank spec (``ratio:0.5``), in a child proc
 measurement (so each peak memory is its own, see :mod:`benchmarks.common`):
 
 - ``decomp.plan.decompose(model, method, rank, input_size, inplace=True)``: wall time and peak
-  memory. CP is applied layer by layer through ``decomp.plan.apply`` with a per-model time budget;
-  the row says how many planned layers it reached.
+  memory. CP is applied layer by layer through ``decomp.plan.apply``, so that a layer whose CP-ALS
+  diverges is reported (``failed``) and the others are still factorized.
 - MACs (``decomp.metrics.count_macs``, thop) and params before and after, the plan's own MAC
   estimate beside thop's count.
 - Inference latency (``decomp.metrics.measure_latency``) of the original and the compressed model,
@@ -248,22 +248,20 @@ def task_original(
     return row
 
 
-def _decompose(
-    net: nn.Module, method: str, rank: str, input_size: list[int], cp_budget_s: float | None
-) -> dict[str, Any]:
+def _decompose(net: nn.Module, method: str, rank: str, input_size: list[int]) -> dict[str, Any]:
     """Compress ``net`` in place; report the plan, what was done and the times."""
     from decomp.plan import applied_plans, decompose
     from decomp.plan import plan as make_plan
 
     start = time.perf_counter()
-    if method == "cp":  # budgeted: plan, then apply layer by layer
+    if method == "cp":  # plan, then apply layer by layer (no time budget: CP-ALS finishes)
         plan = make_plan(net, method, rank, input_size)
         plan_s = time.perf_counter() - start
-        done, failed, hit = apply_within_budget(net, plan, cp_budget_s)
+        done, failed, _ = apply_within_budget(net, plan, None)
         plan_dict = plan.to_dict()
     else:
         decompose(net, method, rank, input_size, inplace=True)
-        plan_dict, plan_s, failed, hit = applied_plans(net)[-1], None, [], False
+        plan_dict, plan_s, failed = applied_plans(net)[-1], None, []
         done = [lp["name"] for lp in plan_dict["layers"] if lp["method"]]
     planned = [lp for lp in plan_dict["layers"] if lp["method"]]
     return {
@@ -272,7 +270,6 @@ def _decompose(
         "planned": planned,
         "done": done,
         "failed": failed,
-        "budget_hit": hit,
         "plan_macs_after": plan_dict["model_macs"]
         - sum(lp["macs_before"] - lp["macs_after"] for lp in planned if lp["name"] in done),
     }
@@ -286,7 +283,6 @@ def task_method(
     input_size: list[int],
     batch_sizes: list[int],
     repeats: dict[str, int],
-    cp_budget_s: float | None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Decompose (timed, peak memory), then MACs, params, latency and per-layer timings."""
@@ -296,7 +292,7 @@ def task_method(
     net = build_model(model)
     _warm_linalg()
     with probe.section("decompose"):
-        info = _decompose(net, method, rank, input_size, cp_budget_s)
+        info = _decompose(net, method, rank, input_size)
     original = build_model(model)  # the same seed: the same weights as before the surgery
     row = {
         **{k: v for k, v in info.items() if k not in ("planned", "done")},
@@ -431,7 +427,6 @@ class Config:
     input_size: list[int]
     batch_sizes: list[int]
     repeats: dict[str, int]
-    cp_budget_s: float
     cp_compare_budget_s: float
     tucker_n_iter_max: int | None
     timeout_s: float
@@ -490,11 +485,6 @@ def _finish_method_row(row: dict[str, Any], config: Config) -> None:
     ]
     row["n_slower_layers"] = len({t["layer"] for t in slower})
     notes = []
-    if row.get("budget_hit"):
-        notes.append(
-            f"CP budget {config.cp_budget_s:g} s: {row['n_factorized']} of {row['n_planned']} "
-            "planned layers factorized, the rest left dense"
-        )
     if row.get("failed"):
         notes.append(f"{len(row['failed'])} layers failed (see failed)")
     row["note"] = "; ".join(notes) or None
@@ -564,7 +554,6 @@ class Runner:
                 model=model,
                 method=method,
                 rank=c.rank,
-                cp_budget_s=c.cp_budget_s if method == "cp" else None,
                 **common,
             )
             row = _row(model, method, result)
@@ -815,9 +804,10 @@ def _notes(config: Config) -> list[str]:
         "decompose_s: decomp.plan.decompose(..., inplace=True) (plan: tracing, rank selection "
         "and thop MACs, then the factorizations); peak +MiB: VmHWM rise above the RSS at the "
         "start of the call, in a child process of its own (benchmarks/common.py).",
-        f"CP: planned layers are applied one by one until {config.cp_budget_s:g} s have passed; "
-        "the rest stay dense and the row says how many were reached. The CP comparison tries "
-        f"layers in model order for {config.cp_compare_budget_s:g} s.",
+        "CP: every planned layer is factorized (no time budget: decomp's CP-ALS finishes in "
+        "seconds per layer, see bench_cp.py). The CP comparison with tensorly's parafac, which "
+        f"needs minutes per large layer, tries layers in model order for "
+        f"{config.cp_compare_budget_s:g} s; bench_cp.py compares every layer.",
         "Tucker comparison: tensorly and tltorch at the library defaults "
         + (
             "(100 sweeps)"
@@ -844,7 +834,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", default="ratio:0.5", help="rank spec for every method")
     parser.add_argument("--input-size", type=int, nargs=3, default=None, help="C H W (3 64 64)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 64")
-    parser.add_argument("--cp-budget", type=float, default=None, help="s per model (120)")
     parser.add_argument("--cp-compare-budget", type=float, default=None, help="s per model (60)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="s per child process")
     parser.add_argument(
@@ -865,7 +854,6 @@ def make_config(args: argparse.Namespace) -> Config:
         repeats={"warmup_b1": 2, "b1": 5, "warmup_big": 1, "big": 2}
         if tiny
         else {"warmup_b1": 3, "b1": 15, "warmup_big": 1, "big": 3},
-        cp_budget_s=args.cp_budget if args.cp_budget is not None else (20.0 if tiny else 120.0),
         cp_compare_budget_s=args.cp_compare_budget
         if args.cp_compare_budget is not None
         else (10.0 if tiny else 60.0),
