@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from decomp.checkpoint import recorded_input_size
 from decomp.factorize import registry
 from decomp.factorize.base import Factorized
 from decomp.factorize.cp import CPConv2d
@@ -308,10 +309,12 @@ def plan_from_tltorch(model: nn.Module) -> Plan:
         A plan of method "tltorch": a layer that becomes a decomp module has its method and
         ranks (and a note in ``reason`` where there is one); a layer that becomes one plain
         layer is skipped as ``Skip.LAYER_KIND``, one that stays a tltorch layer as
-        ``Skip.CUSTOM_FORWARD``, each with the reason. MACs are not measured (0).
+        ``Skip.CUSTOM_FORWARD``, each with the reason. MACs are not measured (0); the input
+        size is the one the model records, if any.
     """
     layers = [_layer_plan(names, m) for m, names in _tltorch_layers(model).items()]
-    return Plan(PLAN_METHOD, "exact", [], layers, model_params=count_params(model))
+    size = recorded_input_size(model) or []
+    return Plan(PLAN_METHOD, "exact", size, layers, model_params=count_params(model))
 
 
 def from_tltorch(model: nn.Module, *, inplace: bool = False, strict: bool = False) -> nn.Module:
