@@ -95,9 +95,17 @@ def _tltorch_layers(model: nn.Module) -> dict[nn.Module, list[str]]:
     if _tl() is None:
         return names
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module).__module__.startswith(_LAYERS_MODULE):
+        if _is_tltorch_layer(module):
             names.setdefault(module, []).append(name)
     return names
+
+
+def _is_tltorch_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(_LAYERS_MODULE)
+
+
+def _also(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
 
 
 def _why_not(layer: nn.Module) -> str | None:
@@ -142,7 +150,7 @@ def _exact(layer: nn.Module) -> tuple[nn.Module, str]:
     if layer.bias is not None:
         (module.last if isinstance(module, Factorized) else module).bias.copy_(layer.bias)
     if layer.weight._forward_hooks:
-        note = "; ".join(filter(None, [note, "its tensor hooks are not carried over"]))
+        note = _also(note, "its tensor hooks are not carried over")
     return module, note
 
 
@@ -192,8 +200,7 @@ def _tucker_conv(
     first, core = _cut(first, core, 1)
     module = registry.get("tucker").build(shell, [last.shape[1], first.shape[1]])
     if tuple(module.ranks) != ranks:
-        cut = f"ranks {ranks} above the channel counts cut exactly to {module.ranks}"
-        note = "; ".join(filter(None, [note, cut]))
+        note = _also(note, f"ranks {ranks} above the channel counts cut exactly to {module.ranks}")
     module.first.weight.copy_(first.T[:, :, None, None])
     module.core.weight.copy_(core)
     module.last.weight.copy_(last[:, :, None, None])
@@ -267,9 +274,7 @@ def _block_tt(w: nn.Module) -> Tensor:
 def _plain(module: nn.Module) -> nn.Module | None:
     """The source adapter (see :func:`decomp.plan.apply.register_source`): the plain layer a
     convertible tltorch layer computes; None for anything else."""
-    if _tl() is None or not type(module).__module__.startswith(_LAYERS_MODULE):
-        return None
-    if _why_not(module) is not None:
+    if _tl() is None or not _is_tltorch_layer(module) or _why_not(module) is not None:
         return None
     new, _ = _exact(module)
     method = registry.method_of(new)
