@@ -51,8 +51,13 @@ class CPFactors:
     horizontal: Tensor
 
     def reconstruct(self) -> Tensor:
-        """The approximated kernel, (Cout, Cin, kh, kw)."""
-        return torch.einsum("or,ir,hr,wr->oihw", self.out, self.inp, self.vertical, self.horizontal)
+        """The approximated kernel, (Cout, Cin, kh, kw), as ``out @ khatri_rao(inp, vertical,
+        horizontal).T``: one GEMM, no array larger than the kernel (a four-operand einsum went
+        through a (Cout, Cin, kh, R) intermediate, 480 MB for a 512-channel layer at R = 154)."""
+        r = self.out.shape[1]
+        kr = self.inp[:, None, None] * self.vertical[None, :, None] * self.horizontal[None, None]
+        kernel = self.out @ kr.reshape(-1, r).T
+        return kernel.reshape(self.out.shape[0], *kr.shape[:3])
 
 
 def _balanced(factors: list[Tensor]) -> list[Tensor]:
