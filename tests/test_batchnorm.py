@@ -126,3 +126,74 @@ def test_has_batchnorm(trained: TinyNet) -> None:
     assert has_batchnorm(trained)
     untracked = nn.BatchNorm2d(2, track_running_stats=False)
     assert not has_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), untracked))
+
+
+# ------------------------------------------------------------------- what calibrate accepts
+
+
+def _calibrated(trained: TinyNet, data, **kwargs) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(trained)
+    calibrate(model, data, **kwargs)
+    return snapshot(model)
+
+
+def test_calibrate_accepts_what_a_user_has_at_hand(trained: TinyNet) -> None:
+    """A DataLoader, a list or generator of image batches or of (images, labels), one tensor:
+    the same batches give the same statistics, whatever carries them."""
+    images = make_data(96, seed=2).tensors[0]  # (96, 1, 8, 8)
+    labels = torch.zeros(96, dtype=torch.long)
+    reference = _calibrated(trained, DataLoader(make_data(96, seed=2), batch_size=32))
+    pairs = [(x, y) for x, y in zip(images.split(32), labels.split(32), strict=True)]
+    for data in (
+        list(images.split(32)),
+        pairs,
+        [list(pair) for pair in pairs],
+        (x for x in images.split(32)),
+        images,
+    ):
+        assert states_equal(_calibrated(trained, data, batch_size=32), reference)
+
+
+def test_calibrate_splits_one_tensor_into_batches_of_the_given_size(trained: TinyNet) -> None:
+    images = make_data(96, seed=2).tensors[0]
+    by_40 = _calibrated(trained, images, batch_size=40)  # 40 + 40 + 16 images
+    assert int(by_40["bn1.num_batches_tracked"]) == 3
+    assert states_equal(by_40, _calibrated(trained, list(images.split(40))))
+    first_two = _calibrated(trained, images, batches=2, batch_size=40)
+    assert states_equal(first_two, _calibrated(trained, images[:80], batch_size=40))
+    # the default split: 128 images a batch
+    assert int(_calibrated(trained, make_data(300, 3).tensors[0])["bn1.num_batches_tracked"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (torch.randn(1, 8, 8), "a 3-D float32 tensor of shape (1, 8, 8)"),
+        (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "a 4-D uint8 tensor of shape (4, 1, 8, 8)"),
+        ({"images": torch.randn(4, 1, 8, 8)}, "a dict"),
+        ("train/", "a str"),
+        (7, "an int"),
+        (make_data(8, seed=0), "a TensorDataset (wrap it in a DataLoader)"),
+        ([torch.randn(1, 8, 8)] * 2, "batch 0: a 3-D float32 tensor of shape (1, 8, 8)"),
+        ([{"image": torch.randn(4, 1, 8, 8)}], "batch 0: a dict"),
+        ([(torch.randn(4, 1, 8, 8), 0), ("x", 1)], "batch 1: a str"),
+    ],
+)
+def test_calibrate_refuses_anything_else_naming_it(trained: TinyNet, data, named: str) -> None:
+    model = copy.deepcopy(trained)
+    before = snapshot(model)
+    with pytest.raises(TypeError) as info:
+        calibrate(model, data)
+    message = str(info.value)
+    assert message.endswith(f"got {named}"), message
+    assert "DataLoader" in message and "(N, C, H, W)" in message
+    assert states_equal(snapshot(model), before), "statistics are put back"
+    assert model.bn1.momentum == 0.1
+
+
+def test_calibrate_refuses_a_data_bundle_with_a_hint(trained: TinyNet) -> None:
+    class DataBundle:  # what decomp.data.load_data returns, stripped down
+        train_loader = calib_loader()
+
+    with pytest.raises(TypeError, match=r"got a DataBundle \(pass its train_loader\)$"):
+        calibrate(copy.deepcopy(trained), DataBundle())
