@@ -364,7 +364,8 @@ def from_tltorch(model: nn.Module, *, inplace: bool = False, strict: bool = Fals
         else:  # the module apply built from the plan, given the exact weights
             target.get_submodule(lp.name).load_state_dict(new.state_dict())
     _set_marks(target, marks)
-    logger.info("from_tltorch: %d tltorch layer(s) converted", len(converted))
+    if converted:
+        logger.info("from_tltorch: %d tltorch layer(s) converted", len(converted))
     return target
 
 
