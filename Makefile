@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-tucker bench-speed bench-quality bench-pretrained bench-smoke report clean
+.PHONY: install test test-all lint format demo bench bench-tucker bench-cp bench-speed bench-quality bench-pretrained bench-smoke report clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ bench: bench-tucker bench-speed bench-quality
 
 bench-tucker: $(STAMP)
 	$(PY) -m benchmarks.bench_tucker
+
+bench-cp: $(STAMP)
+	$(PY) -m benchmarks.bench_cp
 
 bench-speed: $(STAMP)
 	$(PY) -m benchmarks.bench_speed

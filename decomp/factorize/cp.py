@@ -26,6 +26,7 @@ from decomp.factorize.base import (
     spatial_conv_only,
 )
 from decomp.factorize.cp_als import Progress, cp_als
+from decomp.factorize.linalg import solver_threads
 from decomp.factorize.registry import Call, Method, register
 
 logger = logging.getLogger(__name__)
@@ -119,15 +120,18 @@ def cp_factors(
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
     last_error: CPDivergenceError | None = None
     for ridge in (0.0, RIDGE / rank):
-        factors, _ = cp_als(w, rank, n_iter_max=n_iter_max, tol=tol, ridge=ridge, progress=progress)
-        balanced = _balanced(factors)
-        try:
-            error = _check_divergence(CPFactors(*balanced), w)
-        except CPDivergenceError as exc:
-            if not ridge:
-                logger.warning("%s; retrying with a ridge penalty", exc)
-            last_error = exc
-            continue
+        with solver_threads(2.0 * w.numel() * rank):  # the check's GEMM too, not just the ALS
+            factors, _ = cp_als(
+                w, rank, n_iter_max=n_iter_max, tol=tol, ridge=ridge, progress=progress
+            )
+            balanced = _balanced(factors)
+            try:
+                error = _check_divergence(CPFactors(*balanced), w)
+            except CPDivergenceError as exc:
+                if not ridge:
+                    logger.warning("%s; retrying with a ridge penalty", exc)
+                last_error = exc
+                continue
         logger.debug("CP rank %d: relative error %.4f (ridge %g)", rank, error, ridge)
         return CPFactors(*(f.to(weight.dtype) for f in balanced))
     raise CPDivergenceError(f"{last_error}; use tucker or a lower CP rank for this layer")

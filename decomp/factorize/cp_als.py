@@ -109,7 +109,8 @@ def _objective(
     fit = float(kernel.norm2 - 2 * inner.item() + (grams[0] * grams[1] * grams[2] * grams[3]).sum())
     if fit < EXPLICIT_BELOW**2 * kernel.norm2:
         fit = kernel.residual2(factors)
-    return fit + ridge * sum(g.trace().item() for g in grams), fit
+    penalty = ridge * sum(g.trace().item() for g in grams) if ridge else 0.0
+    return fit + penalty, fit
 
 
 def _sweep(
