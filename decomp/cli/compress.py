@@ -267,6 +267,7 @@ def decompose_command(
                     on_plan=shown.plan,
                     progress=shown.step,
                     stage=status,
+                    source=model,
                 ),
                 size or fixed.input_size,
             )

@@ -123,6 +123,7 @@ def compress(
     on_plan: Callable[[Plan], None] | None = None,
     progress: Callable[[str], None] | None = None,
     stage: Stage = _no_stage,
+    source: PathLike | None = None,
 ) -> CompressResult:
     """Compress a model (or a model file) and save it as a decomp file, atomically.
 
@@ -146,6 +147,8 @@ def compress(
         on_plan: called with the plan once it is made, before any factorization.
         progress: called with each layer's name as it is factorized.
         stage: wraps the slow stages (planning, calibrating), e.g. to show a spinner.
+        source: the file ``model`` came from, as the result should name it; default ``model``
+            when it is a path, else the file it was loaded from.
 
     Returns:
         A :class:`CompressResult`.
@@ -155,7 +158,9 @@ def compress(
     if weigh_layers and not (target_macs and data is not None):
         raise ValueError("weigh_layers needs target_macs and data")
     net = model if isinstance(model, nn.Module) else load(model)
-    source = str(model) if not isinstance(model, nn.Module) else model_meta(net).get("source_path")
+    if source is None:
+        source = model if not isinstance(model, nn.Module) else model_meta(net).get("source_path")
+    source = None if source is None else str(source)
     size = list(input_size or (plan.input_size if plan else None) or _recorded_size(net, source))
     loader: list[Iterable] = []  # the training batches of ``data``, loaded once
 

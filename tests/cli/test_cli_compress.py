@@ -252,7 +252,7 @@ def test_json_output_is_the_only_stdout(tiny_sd: Path) -> None:
     result = run(tiny_sd, *TINY, "--rank", "ratio:0.5", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["status"] == "written"
+    assert report["status"] == "written" and report["input"] == str(tiny_sd)
     assert report["output"] == str(tiny_sd.with_name("tiny_sd_tucker.pt"))
     assert report["decomposed"] == 3 and report["layers"] == 5
     assert report["macs_after"] < report["macs_before"]
