@@ -585,15 +585,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = read_results(json_path) if json_path.exists() and not args.fresh else {}
     wanted = cases(models, specs, args.quick)
     keys = {_key(c) for c in wanted}
-    done = {
-        _key(r): r for r in previous.get("rows", []) if _key(r) in keys and r["status"] != "error"
-    }
+    # rows of an earlier run are kept (those of other models and specs too), failed ones redone
+    done = {_key(r): r for r in previous.get("rows", []) if r["status"] != "error"}
     sections = {k: previous.get(k) for k in ("memory", "cli", "threads")}
 
     def save() -> dict[str, Any]:
         rows = [done[_key(c)] for c in wanted if _key(c) in done]
+        rows += [r for k, r in done.items() if k not in keys]
         meta = make_meta(config, resumed_rows=len(previous.get("rows", [])))
-        summary = summarize(rows, models, specs)
+        seen = list(dict.fromkeys(r["model"] for r in rows))
+        summary = summarize(rows, seen, list(dict.fromkeys(r["spec"] for r in rows)))
         return write_results(json_path, meta, rows, summary=summary, notes=NOTES, **sections)
 
     for index, case in enumerate(wanted):
