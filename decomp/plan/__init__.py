@@ -9,7 +9,7 @@ modules and swaps them in by qualified name. The pieces:
 - :mod:`~decomp.plan.trace`: the traced forward pass and the dense costs;
 - :mod:`~decomp.plan.policy`: which layers, which method, is it worth it;
 - :mod:`~decomp.plan.forwards`: conv subclasses whose forward decomp can carry over;
-- :mod:`~decomp.plan.budget`: spending a MACs budget over the layers' error curves;
+- :mod:`~decomp.plan.budget`: spending a MACs or latency budget over the layers' error curves;
 - :mod:`~decomp.plan.statistics`: the inputs' statistics behind output-aware fitting;
 - :mod:`~decomp.plan.importance`: measured output damage per layer;
 - :mod:`~decomp.plan.apply`: the surgery, and recounting an edited plan.
@@ -18,10 +18,12 @@ modules and swaps them in by qualified name. The pieces:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from decomp import latency
 from decomp._utils import check_input_size
 from decomp.factorize import registry
 from decomp.factorize.base import Whitening
@@ -41,6 +43,7 @@ __all__ = [
     "Skip",
     "applied_plans",
     "apply",
+    "candidate_calls",
     "decompose",
     "method_choices",
     "plan",
@@ -73,6 +76,13 @@ def plan(
     fit_batches: int = FIT_BATCHES,
     weigh_layers: bool = False,
     importance_batches: int = 4,
+    target_latency: float | str | None = None,
+    runtime: str = "torch",
+    device: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    latency_table: latency.LatencyTable | str | os.PathLike[str] | None = None,
+    check_landing: bool = True,
 ) -> Plan:
     """Decide, per layer and without changing ``model``, how it is factorized.
 
@@ -98,6 +108,17 @@ def plan(
             error by the output damage measured on ``importance_batches`` batches
             (:mod:`decomp.plan.importance`; slower, and it did not help in the benchmarks).
         importance_batches: how many batches of ``data`` the damage measurement uses.
+        target_latency: a latency budget instead of a MACs one: a fraction of the model's
+            measured latency (0.5) or a time ("3ms"), on ``runtime`` ("torch" eager or
+            "onnxruntime"), ``device``, ``batch`` and ``threads``. The per-layer latencies come
+            from ``latency_table`` (a :class:`~decomp.latency.LatencyTable` or its JSON file;
+            what it lacks is measured, see :func:`decomp.latency.profile`), ranks snap to the
+            runtime's :data:`~decomp.latency.ALIGN`, and a layer that is not faster
+            factorized stays dense (``Skip.NOT_FASTER``). With ``check_landing`` the
+            planned model is built (shapes only), timed paired with the original, and the
+            budget corrected until it lands within 0.85-1.0 of the target (at most
+            :data:`LANDING_ROUNDS` tries); the plan's ``latency`` attribute (this process
+            only, not in its JSON) records the measurements.
 
     Returns:
         The Plan; layers that are left alone carry the reason. An output-aware plan keeps the
@@ -105,7 +126,7 @@ def plan(
     """
     registry.check_choice(method)
     fit = fit or ("outputs" if data is not None else "weights")
-    _check_options(method, target_macs, data, fit, weigh_layers)
+    _check_options(method, target_macs, data, fit, weigh_layers, target_latency)
     spec = parse_rank_spec(rank)
     input_size = check_input_size(input_size)
     exclude = list(exclude)
@@ -116,22 +137,52 @@ def plan(
     if fit == "outputs":
         whitening, images = _measure_inputs(model, eligible, data, fit_batches)
     model_macs = count_macs(model, tuple(input_size))
-    if target_macs is None:
+    params = count_params(model)
+
+    def decided(ranks: list, source: str, dense: Callable | None, measured: bool = False) -> Plan:
+        """The plan at ``ranks`` (None: ``dense(candidate)`` gives the skip); with ``measured``
+        latency is the judge, so a factorization is not refused for its MACs."""
+        for c, r in zip(eligible, ranks, strict=True):
+            if r is None:
+                c.lp.skip_as(*dense(c))
+            else:
+                judge = force or measured
+                policy.decide(c.lp, c.layer, c.method, r, calls[c.module], judge, source)
+        return Plan(method, source, list(input_size), layers, model_macs, params)
+
+    if target_latency is not None:
+        table = latency.profile(
+            model,
+            method,
+            input_size,
+            runtime=runtime,
+            device=device,
+            batch=batch,
+            threads=threads,
+            table=latency_table,
+            exclude=exclude,
+        )
+        curves = [
+            budget.curve(c, whitening.get(c.module), latency.ALIGN[runtime]) for c in eligible
+        ]
+        if weigh_layers and curves:
+            budget.measure(model, curves, data, importance_batches)
+        spend = _LatencyBudget(model, input_size, curves, calls, table, decided)
+        result = spend.plan(target_latency, check_landing)
+    elif target_macs is None:
         ranks = [select_ranks(c.layer, c.method, spec, c.lp.previous_ranks) for c in eligible]
-        source = str(spec)
+        result = decided(ranks, str(spec), None)
     else:
         total = budget.parse_macs_target(target_macs, model_macs)
         curves = [budget.curve(c, whitening.get(c.module)) for c in eligible]
         if weigh_layers and curves:
             budget.measure(model, curves, data, importance_batches)
         ranks = budget.budget_ranks(curves, calls, total, model_macs)
-        source = f"target-macs:{target_macs}"
-    for c, r in zip(eligible, ranks, strict=True):
-        if r is None:
-            c.lp.skip_as(Skip.BUDGET, "kept dense by the MACs budget")
-        else:
-            policy.decide(c.lp, c.layer, c.method, r, calls[c.module], force, source)
-    result = Plan(method, source, list(input_size), layers, model_macs, count_params(model))
+        result = decided(
+            ranks,
+            f"target-macs:{target_macs}",
+            lambda c: (Skip.BUDGET, "kept dense by the MACs budget"),
+        )
     result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
     kept = {
         c.lp.name: whitening[c.module] for c in eligible if c.lp.method and c.module in whitening
@@ -139,6 +190,121 @@ def plan(
     result.whitening = kept or None
     logger.info("plan: %d of %d layers factorized", len(result.decomposed), len(layers))
     return result
+
+
+LANDING = (0.85, 1.0)
+"""Where a latency-budgeted model's measured latency should land, as a share of the target."""
+LANDING_AIM = 0.93
+"""Where a corrected budget aims, as a share of the target (inside :data:`LANDING`)."""
+LANDING_ROUNDS = 4
+"""How many budgets a plan with ``check_landing`` tries at most."""
+
+
+class _LatencyBudget:
+    """A latency target spent over the error curves; with ``check_landing``, the latency model
+    calibrated on a measured model and the budget corrected by measuring where it lands."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: Sequence[int],
+        curves: list[budget.Curve],
+        calls: dict[nn.Module, list],
+        table: latency.LatencyTable,
+        decided: Callable[..., Plan],
+    ) -> None:
+        self.model, self.input_size, self.table, self.decided = model, input_size, table, decided
+        self.calls = calls
+        self.baseline = table.baseline_ms(model, input_size)
+        self.costs = budget.LatencyModel(curves, calls, table, self.baseline)
+
+    def plan(self, target: float | str, check_landing: bool) -> Plan:
+        """The plan at the budget that lands (or the best of :data:`LANDING_ROUNDS` tries)."""
+        goal = latency.parse_latency_target(target, self.baseline)
+        self.source = f"target-latency:{target}"
+        measured_floor = None
+        if check_landing:
+            measured_floor = self._measure(self.costs.lowest())
+            self.costs.calibrate(measured_floor["ratio"] * self.baseline)
+        if goal < self.costs.floor_ms:
+            raise ValueError(budget.floor_message(goal, self.costs.floor_ms, self.baseline))
+        budget_ms = max(goal * (LANDING_AIM if check_landing else 1.0), self.costs.floor_ms)
+        tries = []
+        for _ in range(LANDING_ROUNDS if check_landing else 1):
+            steps = self.costs.spend(budget_ms)
+            record = self._record(goal, budget_ms, steps)
+            tries.append((steps, record))
+            if not check_landing:
+                break
+            record["measured"] = self._measure(steps)
+            landing = record["landing"] = record["measured"]["ratio"] * self.baseline / goal
+            logger.info("latency budget %.4g ms: landed at %.3f of the target", budget_ms, landing)
+            if LANDING[0] <= landing <= LANDING[1] or budget_ms <= self.costs.floor_ms:
+                break
+            modelled = record["predicted_ms"] / (record["measured"]["ratio"] * self.baseline)
+            budget_ms = max(LANDING_AIM * goal * modelled, self.costs.floor_ms)
+        steps, record = min(tries, key=lambda t: _miss(t[1].get("landing")))
+        result = self._decided(steps)
+        result.latency = {**record, "tries": len(tries), "measured_floor": measured_floor}
+        return result
+
+    def _decided(self, steps: list) -> Plan:
+        return self.decided(self.costs.ranks(steps), self.source, self._kept_dense, True)
+
+    def _record(self, goal: float, budget_ms: float, steps: list) -> dict:
+        return {
+            **{k: getattr(self.table.key, k) for k in ("runtime", "device", "batch", "threads")},
+            "baseline_ms": self.baseline,
+            "target_ms": goal,
+            "budget_ms": budget_ms,
+            "predicted_ms": self.costs.predicted_ms(steps),
+            "remainder_ms": self.costs.remainder_ms,
+            "scale": self.costs.scale,
+            "floor_ms": self.costs.floor_ms,
+        }
+
+    def _measure(self, steps: list) -> dict:
+        """The model at ``steps``, built (shapes only), timed paired with the original."""
+        built = apply(self.model, self._decided(steps), init="structure")
+        key = self.table.key
+        return latency.paired_latency(
+            self.model,
+            built,
+            self.input_size,
+            runtime=key.runtime,
+            device=key.device,
+            batch=key.batch,
+            threads=key.threads,
+        )
+
+    def _kept_dense(self, c: policy.Candidate) -> tuple[Skip, str]:
+        calls = self.calls[c.module]
+        before = budget.before_ms(self.table, c, calls)
+        best = self.table.fastest_ms(c.layer, c.method, calls)
+        if best < before:
+            return Skip.BUDGET, "kept dense by the latency budget"
+        return Skip.NOT_FASTER, (
+            f"{c.method.name} is not faster than the layer as it is on "
+            f"{self.table.key.describe()}: {best:.3g} ms at best vs {before:.3g} ms"
+        )
+
+
+def _miss(landing: float | None) -> float:
+    """How far a measured landing is from :data:`LANDING` (0 inside; unmeasured counts 0)."""
+    if landing is None:
+        return 0.0
+    return max(LANDING[0] - landing, 0.0) + 2 * max(landing - LANDING[1], 0.0)
+
+
+def candidate_calls(
+    model: nn.Module, method: str, input_size: Sequence[int], exclude: Iterable[str] = ()
+) -> list[tuple[policy.Candidate, list]]:
+    """The layers a plan with ``method`` would factorize, each with the calls its plain layer
+    sees (batch 1): what :func:`decomp.latency.profile` measures."""
+    registry.check_choice(method)
+    calls = trace_calls(model, check_input_size(input_size))
+    _, eligible = _candidates(model, method, list(exclude), calls)
+    return [(c, calls[c.module]) for c in eligible]
 
 
 def _candidates(
@@ -184,21 +350,31 @@ def _candidates(
 
 
 def _check_options(
-    method: str, target_macs: object, data: object, fit: str, weigh_layers: bool
+    method: str,
+    target_macs: object,
+    data: object,
+    fit: str,
+    weigh_layers: bool,
+    target_latency: object = None,
 ) -> None:
-    if target_macs is not None and method != registry.AUTO and not registry.get(method).budgets:
+    if target_macs is not None and target_latency is not None:
+        raise ValueError("give target_macs or target_latency, not both")
+    target = "target_macs" if target_latency is None else "target_latency"
+    budgeted = target_macs is not None or target_latency is not None
+    if budgeted and method != registry.AUTO and not registry.get(method).budgets:
         able = [m for m in registry.names() if registry.get(m).budgets]
         raise ValueError(
-            f"target_macs works with {', '.join([*able, registry.AUTO])}; "
+            f"{target} works with {', '.join([*able, registry.AUTO])}; "
             f"{method} has no error curve for a budget"
         )
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r}; expected one of {list(FITS)}")
     if fit == "outputs" and data is None:
         raise ValueError("fit='outputs' fits the layers' outputs on calibration data; pass data")
-    if weigh_layers and (data is None or target_macs is None):
+    if weigh_layers and (data is None or not budgeted):
         raise ValueError(
-            "weigh_layers measures output damage for a MACs budget; pass data and target_macs"
+            "weigh_layers measures output damage for a budget; pass data and target_macs "
+            "(or target_latency)"
         )
 
 

@@ -1,4 +1,4 @@
-"""Spending a global MACs budget over the layers' error curves.
+"""Spending a global budget (MACs, or measured latency) over the layers' error curves.
 
 Each eligible layer gets an error-versus-rank curve from the singular spectra of its unfoldings
 (one Gram eigendecomposition per mode): the dropped share of the kernel's energy in each mode,
@@ -9,7 +9,8 @@ shape that the greedy marginal allocation of :func:`rank_selection.budget.alloca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from decomp.factorize.base import Whitening
 from decomp.factorize.linalg import gram_eigh
 from decomp.factorize.registry import Call, Method, RankGrid
+from decomp.latency import LatencyTable, snapped_grid
 from decomp.plan.importance import output_damage
 from decomp.plan.model import LayerPlan
 from decomp.plan.policy import Candidate
@@ -143,18 +145,20 @@ def fitted_weight(weight: torch.Tensor, whitening: Whitening | None) -> torch.Te
     return weight if whitening is None else _input_product(weight.double(), whitening.root)
 
 
-def curve(candidate: Candidate, whitening: Whitening | None = None) -> Curve:
+def curve(candidate: Candidate, whitening: Whitening | None = None, align: int = 1) -> Curve:
     """The error curve of a candidate layer under its method, in output space with
     ``whitening``; a ValueError if the method has none. An already factorized layer's ranks
-    stop at the ranks it has."""
+    stop at the ranks it has. With ``align`` > 1 the ranks are snapped up to its multiples
+    (:func:`decomp.latency.snapped_grid`: a latency budget gives ranks the runtime runs well)."""
     layer, method, cap = candidate.layer, candidate.method, candidate.lp.previous_ranks
     grid = method.grid(layer, GRID)
     if grid is None:
         raise ValueError(
-            f"{method.name} has no error curve for a MACs budget; use a method with one or auto"
+            f"{method.name} has no error curve for a budget; use a method with one or auto"
         )
     if cap:
         grid = replace(grid, ranks=lambda k, ranks=grid.ranks: list(map(min, ranks(k), cap)))
+    grid = snapped_grid(grid, align)
     fitted = fitted_weight(layer.weight.detach(), whitening)
     modes = [spectral_mode(m) for m in method.unfoldings(fitted)]
     return Curve(candidate.lp, candidate.module, layer, method, modes, grid, whitening)
@@ -165,25 +169,132 @@ def budget_ranks(
 ) -> list[list[int] | None]:
     """Ranks for the eligible layers that fit ``budget`` MACs with the least estimated error
     (None: keep the layer dense). The rest of the model's MACs are a fixed cost."""
-    entries = []
-    for c in curves:
-
-        def cost(k: tuple[int], c: Curve = c) -> int:
-            return c.method.costs(c.layer, c.ranks(k[0]), calls[c.module])[0]
-
-        entries.append(
-            BudgetLayer(
-                c.lp.name,
-                (c.grid.steps,),
-                cost,
-                c.error,
-                c.lp.macs_before,
-                steps=(c.grid.increment,),
-            )
-        )
+    costs = [
+        lambda k, c=c: c.method.costs(c.layer, c.ranks(k[0]), calls[c.module])[0] for c in curves
+    ]
     fixed = model_macs - sum(c.lp.macs_before for c in curves)
-    chosen = allocate(entries, budget, fixed_cost=fixed)
+    chosen = _allocate(curves, costs, [c.lp.macs_before for c in curves], budget, fixed)
     return [None if k is None else c.ranks(k[0]) for c, k in zip(curves, chosen, strict=True)]
+
+
+def _allocate(
+    curves: list[Curve],
+    costs: list[Callable[[tuple[int]], float]],
+    dense: list[float],
+    budget: float,
+    fixed: float,
+) -> list[tuple[int] | None]:
+    """The grid step of every curve (None: dense) from the greedy marginal allocation of
+    ``budget`` (step -> ``costs``, ``dense`` for a layer left as it is, ``fixed`` for the rest
+    of the model)."""
+    entries = [
+        BudgetLayer(c.lp.name, (c.grid.steps,), cost, c.error, d, steps=(c.grid.increment,))
+        for c, cost, d in zip(curves, costs, dense, strict=True)
+    ]
+    return allocate(entries, budget, fixed_cost=fixed)
+
+
+class LatencyModel:
+    """The whole model's latency as a budget sees it:
+    ``remainder + scale * (the candidate layers' latencies in the table)``.
+
+    With ``scale`` 1 the remainder is the measured baseline less the candidates' dense
+    latency (the rest of the network and the runtime's overheads, a fixed cost).
+    :meth:`calibrate` fits ``scale`` and the remainder on a second measured model (every
+    candidate at its lowest ranks): layers timed alone can run faster or slower than inside the
+    network (caches at large batches in eager PyTorch; fusion across layers in ONNX Runtime).
+    A candidate that is slower at its lowest ranks than as it is stays as it is (the allocator
+    starts every layer at its lowest ranks).
+    """
+
+    def __init__(
+        self,
+        curves: list[Curve],
+        calls: dict[nn.Module, list[Call]],
+        table: LatencyTable,
+        baseline_ms: float,
+    ) -> None:
+        self.curves, self.baseline_ms, self.scale = curves, baseline_ms, 1.0
+        self.dense = [before_ms(table, c, calls[c.module]) for c in curves]
+        self.costs = [
+            lambda k, c=c: table.layer_ms(c.layer, c.method, c.ranks(k[0]), calls[c.module])
+            for c in curves
+        ]
+        self.open = [
+            i for i, (t, d) in enumerate(zip(self.costs, self.dense, strict=True)) if t((1,)) < d
+        ]
+
+    @property
+    def remainder_ms(self) -> float:
+        return self.baseline_ms - self.scale * sum(self.dense)
+
+    def _layers_ms(self, steps: Sequence[tuple[int] | None]) -> float:
+        return sum(
+            d if k is None else t(k) for k, d, t in zip(steps, self.dense, self.costs, strict=True)
+        )
+
+    def predicted_ms(self, steps: Sequence[tuple[int] | None]) -> float:
+        """The modelled latency with each candidate at its grid step (None: as it is)."""
+        return self.remainder_ms + self.scale * self._layers_ms(steps)
+
+    def lowest(self) -> list[tuple[int] | None]:
+        """Every candidate that may be factorized at its lowest ranks, the others as they are."""
+        return [(1,) if i in self.open else None for i in range(len(self.curves))]
+
+    @property
+    def floor_ms(self) -> float:
+        return self.predicted_ms(self.lowest())
+
+    def calibrate(self, floor_ms: float) -> None:
+        """Fit ``scale`` so that the model predicts the measured latency ``floor_ms`` of the
+        :meth:`lowest` model as well as the baseline (kept at 1 when the fit is degenerate)."""
+        saved = sum(self.dense) - self._layers_ms(self.lowest())
+        scale = (self.baseline_ms - floor_ms) / saved if saved > 0 else 0.0
+        self.scale = scale if 0.2 <= scale <= 5.0 else 1.0
+
+    def spend(self, budget_ms: float) -> list[tuple[int] | None]:
+        """The grid step of every candidate (None: as it is) that fits ``budget_ms`` with the
+        least estimated error (:func:`rank_selection.budget.allocate`)."""
+        if budget_ms < self.floor_ms:
+            raise ValueError(floor_message(budget_ms, self.floor_ms, self.baseline_ms))
+        closed = sum(self.dense) - sum(self.dense[i] for i in self.open)
+        cap = (budget_ms - self.remainder_ms) / self.scale - closed
+        cap += 1e-9 * abs(cap)  # a budget at the floor is not refused for float rounding
+        found = _allocate(
+            [self.curves[i] for i in self.open],
+            [self.costs[i] for i in self.open],
+            [self.dense[i] for i in self.open],
+            cap,
+            0.0,
+        )
+        steps: list[tuple[int] | None] = [None] * len(self.curves)
+        for i, k in zip(self.open, found, strict=True):
+            steps[i] = k
+        return steps
+
+    def ranks(self, steps: Sequence[tuple[int] | None]) -> list[list[int] | None]:
+        return [
+            None if k is None else c.ranks(k[0]) for c, k in zip(self.curves, steps, strict=True)
+        ]
+
+
+def floor_message(budget_ms: float, floor_ms: float, baseline_ms: float) -> str:
+    """The error for a latency target below what the layers can reach."""
+    return (
+        f"target latency {budget_ms:.4g} ms ({budget_ms / baseline_ms:.3f} of the measured "
+        f"{baseline_ms:.4g} ms) is below the floor of {floor_ms:.4g} ms "
+        f"({floor_ms / baseline_ms:.3f} of it: every eligible layer at its lowest ranks or as "
+        f"it is where that is faster, the rest of the network as it is); ask for at least "
+        f"{math.ceil(floor_ms / baseline_ms * 100) / 100:.2f}"
+    )
+
+
+def before_ms(table: LatencyTable, c: Curve, calls: list[Call]) -> float:
+    """The measured latency of a candidate as it is: its dense layer, or for an already
+    factorized one its method at the ranks it has."""
+    if c.lp.previous_ranks:
+        return table.layer_ms(c.layer, c.method, c.lp.previous_ranks, calls)
+    return table.dense_ms(c.layer, c.method, calls)
 
 
 def measure(model: nn.Module, curves: list[Curve], data: Iterable, batches: int) -> None:

@@ -31,6 +31,7 @@ class Skip(StrEnum):
     RANK_ZERO = "rank 0"
     NO_SAVING = "no MAC saving"
     BUDGET = "budget keeps dense"
+    NOT_FASTER = "not faster"
 
 
 @dataclass
