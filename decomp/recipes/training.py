@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ from decomp.checkpoint import (
     model_meta,
     save,
 )
-from decomp.data import DataBundle, load_data
+from decomp.data import DataBundle, load_data, make_loader
 from decomp.distributed import is_main_process, setup_distributed
 from decomp.evaluate import evaluate
 from decomp.train import TrainConfig, train
@@ -46,14 +47,16 @@ DEFAULT_DATA = "fashion-mnist"
 DEFAULT_INPUT_SIZE = (3, 32, 32)
 DEFAULT_BASELINE_OUTPUT = "runs/baseline.pt"
 
-# FACTS.md section 5 measured macro F1 0.9228 after 10 epochs of the baseline recipe at about
-# 60 s per epoch on its 2-core machine; this project's 2-core machine takes about 137 s (0.32 s
-# per step of 128 images, idle), so 12 epochs take about 28 min there (docs/demo.md). 12 epochs
-# keep a margin over the demo's 0.92 target; measured: 0.9240.
+# FACTS.md section 5 measured macro F1 0.9228 after 10 epochs of the baseline recipe; 12 epochs
+# gave 0.9240 (the demo's full recipe). A step of 128 images at 32 px costs 0.32 CPU seconds on
+# this project's 2-core machine, so an epoch takes about 137 s with one torch thread and about
+# 75 s with two when the machine is idle. The demo's quick recipe (decomp.demo) trains 4 epochs
+# without augmentation instead.
 BASELINE_EPOCHS = 12
 FINETUNE_EPOCHS = 2
 FINETUNE_LR = 0.01
 BASELINE_RECIPE = "sgd-nesterov0.9-wd5e-4-onecycle-ls0.1-flip-shift2"
+BASELINE_RECIPE_NO_AUGMENTATION = "sgd-nesterov0.9-wd5e-4-onecycle-ls0.1-noaug"
 
 
 # ------------------------------------------------------------------------------ model building
@@ -145,6 +148,7 @@ def baseline_config(
     seed: int,
     train_subset: int | None,
     val_split: float | int | None,
+    augment: bool = True,
 ) -> dict[str, Any]:
     """The settings that determine a baseline; a cached baseline is reused only when they match."""
     return {
@@ -157,7 +161,7 @@ def baseline_config(
         "seed": int(seed),
         "train_subset": train_subset,
         "val_split": val_split,
-        "recipe": BASELINE_RECIPE,
+        "recipe": BASELINE_RECIPE if augment else BASELINE_RECIPE_NO_AUGMENTATION,
     }
 
 
@@ -217,6 +221,37 @@ def load_bundle(
     )
 
 
+def without_augmentation(bundle: DataBundle, seed: int = 0) -> DataBundle:
+    """``bundle`` with a train loader over the same images that does not augment them.
+
+    The in-memory data sets (Fashion-MNIST) have an ``augment`` switch; image folders get the
+    validation split's transform. The bundle itself is returned when its training batches are
+    not augmented already.
+
+    Raises:
+        ValueError: the training set is neither kind.
+    """
+    loader = bundle.train_loader
+    dataset, val_set = loader.dataset, bundle.val_loader.dataset
+    plain_set = copy.copy(dataset)
+    if hasattr(dataset, "augment"):
+        if not dataset.augment:
+            return bundle
+        plain_set.augment = False
+    elif hasattr(dataset, "transform") and hasattr(val_set, "transform"):
+        if dataset.transform is val_set.transform:
+            return bundle
+        plain_set.transform = val_set.transform
+    else:
+        raise ValueError(
+            f"cannot switch augmentation off for a {type(dataset).__name__} (it has neither an "
+            "augment switch nor a transform); train with augmentation"
+        )
+    workers = loader.num_workers
+    train = make_loader(plain_set, loader.batch_size, True, workers, seed, bundle.train_sampler)
+    return dataclasses.replace(bundle, train_loader=train)
+
+
 def train_baseline(
     arch: str | Mapping[str, Any] = DEFAULT_ARCH,
     arch_kwargs: Mapping[str, Any] | str | None = None,
@@ -236,12 +271,14 @@ def train_baseline(
     resume: bool = True,
     evaluate_test: bool = True,
     data_name: str | None = None,
+    augment: bool = True,
 ) -> TrainingOutcome:
     """Train a classifier from scratch and save it as a decomp file.
 
     The recipe of FACTS.md section 5: SGD with Nesterov momentum 0.9, weight decay 5e-4 (not on
     biases and BN), a one-cycle schedule up to ``lr``, label smoothing 0.1, random flips and
-    +-2 px shifts (the data module's training augmentation). The weights of the best epoch on the
+    +-2 px shifts (the data module's training augmentation; ``augment=False`` trains on the images
+    as they are, which converges faster in a short schedule). The weights of the best epoch on the
     validation split (held out from train) are kept; final numbers come from the test split.
     A training checkpoint named after the settings is written beside ``output`` every epoch and
     resumed from (``resume``), so a killed run continues; it is removed once the file is saved.
@@ -266,14 +303,27 @@ def train_baseline(
         resume: continue from the settings' training checkpoint when one exists.
         evaluate_test: evaluate the kept weights on the test split (or validation if none).
         data_name: how to record ``data`` in the file when a bundle is given.
+        augment: train with the data's augmentation (see :func:`without_augmentation`).
 
     Returns:
         A :class:`TrainingOutcome`.
     """
     bundle = load_bundle(data, input_size, batch_size, seed, workers, train_subset, val_split)
+    if not augment:
+        bundle = without_augmentation(bundle, seed)
     name = data_name or (data if isinstance(data, str) else "bundle")
     key = baseline_config(
-        arch, arch_kwargs, name, input_size, epochs, batch_size, lr, seed, train_subset, val_split
+        arch,
+        arch_kwargs,
+        name,
+        input_size,
+        epochs,
+        batch_size,
+        lr,
+        seed,
+        train_subset,
+        val_split,
+        augment,
     )
     model, ref = build_model(arch, arch_kwargs, bundle.num_classes, bundle.input_size, seed)
     config = TrainConfig(
