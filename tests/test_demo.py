@@ -192,3 +192,34 @@ def test_the_quick_recipe_trains_on_images_as_they_are(digits) -> None:
     args = ("tests.conftest:tiny_net", None, "digits", SIZE, 1, 32, 0.1, 0, None, None)
     assert baseline_config(*args)["recipe"] != baseline_config(*args, augment=False)["recipe"]
     assert baseline_config(*args) == baseline_config(*args, augment=True)
+
+
+def test_demo_command_passes_the_recipe_and_shows_times_and_targets(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import decomp.cli.training as cli_training
+    from decomp.cli import app
+
+    calls = []
+    results = {
+        "timings": {"data": 1.0, "baseline": 300.0, "total": 301.0},
+        "summary": {"targets": dict.fromkeys(TARGETS, True) | {"macs_at_most_half": False}},
+    }
+
+    def fake_demo(*args, **kwargs):
+        calls.append((args, kwargs))
+        kwargs["progress"]("baseline", 0, 10)
+        return results
+
+    monkeypatch.setattr(cli_training, "run_demo", fake_demo)
+    monkeypatch.setattr(cli_training, "demo_table", lambda r: "the table")
+    out = tmp_path / "d"
+    result = CliRunner().invoke(app, ["demo", "--recipe", "full", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    ((args, kwargs),) = calls
+    assert kwargs["recipe"] == "full" and args[1:3] == (None, None), "epochs: the recipe's"
+    assert "5.0 min in all (data 1 s, baseline 300 s)" in result.output
+    assert "MACs at most half: NOT met" in result.output
+    assert "baseline F1 at least 0.91: met" in result.output
+    bad = CliRunner().invoke(app, ["demo", "--recipe", "fast"])
+    assert bad.exit_code == 2

@@ -235,7 +235,9 @@ def _demo_lines(results: dict[str, Any]) -> list[str]:
         f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items() if k != "total"
     )
     met = [
-        f"{k.replace('_', ' ')}: {'met' if v else 'NOT met'}" for k, v in summary["targets"].items()
+        f"{k.replace('_', ' ').replace('f1', 'F1').replace('macs', 'MACs')}: "
+        + ("met" if v else "NOT met")
+        for k, v in summary["targets"].items()
     ]
     return [f"{timings['total'] / 60:.1f} min in all ({stages})", "targets: " + "; ".join(met)]
 
@@ -253,12 +255,12 @@ def demo_command(
     ] = _DEFAULT_RECIPE,
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", min=0, help="Baseline epochs [default: the recipe's]."),
+        typer.Option("--epochs", min=0, help="Baseline epochs (default: the recipe's)."),
     ] = None,
     finetune_epochs: Annotated[
         int | None,
         typer.Option(
-            "--finetune-epochs", min=0, help="Distillation epochs [default: the recipe's]."
+            "--finetune-epochs", min=0, help="Distillation epochs (default: the recipe's)."
         ),
     ] = None,
     method: Annotated[Method, typer.Option("--method", "-m")] = _DEMO_METHOD,
