@@ -108,6 +108,13 @@ def test_dtype_is_kept(dtype):
     )
 
 
+def test_zero_kernel_gives_zero_factors():
+    weight = torch.zeros(6, 4, 3, 3)
+    factors, error = cp_als(weight, 3)
+    assert error == 0 and all(not f.any() for f in factors)
+    assert not cp_factors(weight, 3).reconstruct().any()
+
+
 def test_scale_does_not_change_the_fit():
     weight = random_kernel((10, 8, 3, 3))
     errors = [cp_als(weight * scale, 4)[1] for scale in (1.0, 1e-4, 1e4)]

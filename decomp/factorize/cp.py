@@ -118,6 +118,8 @@ def cp_factors(
     """
     rank = check_rank(rank, weight.numel(), f"a kernel of {weight.numel()} entries")
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    if not w.any():  # a zero kernel (a pruned layer): zero factors are exact
+        return CPFactors(*(torch.zeros(size, rank, dtype=weight.dtype) for size in weight.shape))
     last_error: CPDivergenceError | None = None
     for ridge in (0.0, RIDGE / rank):
         with solver_threads(2.0 * w.numel() * rank):  # the check's GEMM too, not just the ALS

@@ -30,6 +30,7 @@ Everything runs in the kernel's dtype (at least float32), the R x R solves in fl
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -236,15 +237,15 @@ def cp_als(
     """
     c_out, c_in, _, _ = tensor.shape
     norm = tensor.double().norm().item()
+    if norm == 0:  # a zero kernel: zero factors are exact
+        return [torch.zeros(size, rank, dtype=tensor.dtype) for size in tensor.shape], 0.0
     w = tensor.detach() / norm  # unit norm: the ridge and the thresholds are scale-free
     generator = torch.Generator().manual_seed(0)
-    sweeps = 0
+    sweeps = itertools.count(1)
 
     def tick(error: float) -> None:
-        nonlocal sweeps
-        sweeps += 1
         if progress is not None:
-            progress(sweeps, error)
+            progress(next(sweeps), error)
 
     p, q = min(c_out, rank), min(c_in, rank)
     with solver_threads(2.0 * tensor.numel() * rank):  # one MTTKRP GEMM, the largest step
