@@ -17,7 +17,7 @@ from torch import nn
 import decomp
 from decomp import checkpoint
 from decomp.arch import arch_ref
-from decomp.checkpoint import DecompFileError, load, save
+from decomp.checkpoint import DecompFileError, load, model_meta, save
 from tests.conftest import tiny_net
 
 ARCH = "tests.conftest:TinyNet"
@@ -73,7 +73,7 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path, compressed: nn.Modul
     assert torch.equal(_out(first), _out(compressed))
     assert torch.equal(_out(first), _out(second))
     assert decomp.applied_plans(first) == decomp.applied_plans(compressed)
-    assert first._decomp_meta["class_names"] == list("abcdefghij")
+    assert model_meta(first)["class_names"] == list("abcdefghij")
     assert not first.training
 
 

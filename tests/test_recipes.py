@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from decomp.checkpoint import load, save
+from decomp.checkpoint import load, model_meta, save
 from decomp.data import load_data
 from decomp.evaluate import val_f1
 from decomp.metrics import count_macs
@@ -69,7 +69,7 @@ def test_finetune_from_a_file_starts_from_its_weights(digits, tmp_path):
     )
     assert outcome.history[0]["val_f1"] == start and outcome.path == str(out)
     assert (tmp_path / "tuned.pt.log.jsonl").exists() and not (tmp_path / "tuned.pt.ckpt").exists()
-    saved = load(out)._decomp_meta["extra"]
+    saved = model_meta(load(out))["extra"]
     assert saved["finetune"]["best_epoch"] == outcome.best_epoch and saved["bn_calibrated"]
 
 
@@ -87,7 +87,7 @@ def test_compress_a_file_plans_applies_calibrates_and_saves(digits, tmp_path):
     assert result.macs_after == count_macs(load(out), SIZE) < result.macs_before
     record = result.to_dict()
     assert record["macs_reduction"] == result.macs_before / result.macs_after
-    assert load(out)._decomp_meta["extra"]["decompose"]["rank"] == "ratio:0.5"
+    assert model_meta(load(out))["extra"]["decompose"]["rank"] == "ratio:0.5"
     again = compress(load(src), tmp_path / "again.pt", plan=result.plan)
     assert again.macs_after == result.macs_after and again.input == str(src.resolve())
     nothing = compress(src, tmp_path / "none.pt", rank="ratio:0.5", exclude=["*"])
