@@ -14,11 +14,11 @@ inputs (with the share of the original's most common decision beside it: what a 
 would agree on), the mean total-variation distance between their output distributions, accuracy
 where the case has labels, MACs after / before by thop (``decomp.metrics.count_macs``, what the
 plan budgets) and by ptflops (``decomp.metrics.count_macs_competition``, the competition's
-counter, which counts a subclass of nn.Conv2d as 0), layers factorized, the skip reasons, and
-times. A variant with data (``uses_data``) is cross-fitted: the inputs are split in two folds
-(even and odd positions); each fold is judged on a model calibrated on augmented views (random
-crops and flips, :func:`benchmarks.pretrained.augmented_views`) of the *other* fold only, so no
-input is judged by a model that saw it; its MACs are the mean of the two folds'.
+counter; ptflops on its own counts a subclass of nn.Conv2d as 0), layers factorized, the skip
+reasons, and times. A variant with data (``uses_data``) is cross-fitted: the inputs are split in
+two folds (even and odd positions); each fold is judged on a model calibrated on augmented views
+(random crops and flips, :func:`benchmarks.pretrained.augmented_views`) of the *other* fold
+only, so no input is judged by a model that saw it; its MACs are the mean of the two folds'.
 
 Adding a variant is one line in :data:`VARIANTS` (its ``options`` go to ``plan``). The results
 also hold, per case, EVBMF's view of every factorizable mode (``evbmf``): EVB's rank, the
@@ -400,8 +400,9 @@ def render(payload: Mapping[str, Any]) -> str:
         "Top-1 agreement: share of inputs where the compressed model's top-1 decision equals the "
         "original's; `constant answer` is what always giving the original's most common "
         "decision would score; `output TV` the mean total-variation distance between the two "
-        "output distributions. `thop` is the MAC count the plan budgets; `ptflops` (the "
-        "competition's counter) counts an nn.Conv2d subclass as 0.\n",
+        "output distributions. `thop` is the MAC count the plan budgets, `ptflops` the "
+        "competition's (decomp.metrics.count_macs_competition). Rows with data are "
+        "cross-fitted: each input is judged by a model calibrated on the other fold only.\n",
         render_table(rows, ROW_COLUMNS),
     ]
     for name, modes in _by_case(payload.get("evbmf", [])).items():
@@ -433,7 +434,7 @@ def run(
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure every case, write ``<stem>.json`` and ``<stem>.md`` under ``output``."""
-    rows, modes = [], []
+    rows, modes, started = [], [], make_meta({})  # the machine and its load at the start
     for case in cases:
         rows += bench_case(case, targets, ranks, variants)
         modes += evbmf_modes(case)
@@ -450,7 +451,8 @@ def run(
         **(config or {}),
     }
     sources = {c.name: c.source for c in cases}
-    meta = make_meta(settings, packages=pretrained.package_versions(), sources=sources)
+    meta = {**started, "config": settings}
+    meta.update(packages=pretrained.package_versions(), sources=sources)
     path = output / f"{stem}.json"
     write_results(path, meta, rows, evbmf=modes)
     write_text(output / f"{stem}.md", render(read_results(path)))

@@ -29,15 +29,15 @@ depend on the scale of the weights; ``sigma2`` and ``threshold`` are reported in
 
 The noise-model check (``checked_rank``). With ``sigma2`` estimated, EVB always finds *some*
 noise level, and a spectrum with no noise in it at all (trained weights) is still split into
-"signal" and "noise":
-a flat spectrum becomes all noise (rank 0), a smoothly decaying one keeps its few largest values
-(ranks 1 to 4 on 16x96 1x1 convs of a pretrained EfficientNet-Lite, 19 on its 1000x1280
-classifier), and EVB can never keep more than about ``L / (1 + alpha)`` components (half of a
-square matrix). So the values EVB discards are tested for being what its model says they are,
-the singular values of an ``L' x M'`` Gaussian matrix (``L' = L - r``, ``M' = M - r`` once ``r``
-components are removed), with John's sphericity statistic in the high-dimensional form of Ledoit
-and Wolf ("Some hypothesis tests for the covariance matrix when the dimension is large compared
-to the sample size", Annals of Statistics 30(4), 2002):
+"signal" and "noise": a flat spectrum becomes all noise (rank 0), a smoothly decaying one keeps
+its few largest values (EVB ranks 0 to 16 on the 16- to 320-channel 1x1 convs of a pretrained
+EfficientNet-Lite0, 19 on its 1000x1280 classifier), and EVB can never keep more than about
+``L / (1 + alpha)`` components (half of a square matrix). So the values EVB discards are tested
+for being what its model says they are, the singular values of an ``L' x M'`` Gaussian matrix
+(``L' = L - r``, ``M' = M - r`` once ``r`` components are removed), with John's sphericity
+statistic in the high-dimensional form of Ledoit and Wolf ("Some hypothesis tests for the
+covariance matrix when the dimension is large compared to the sample size", Annals of Statistics
+30(4), 2002):
 
     U = L' sum x^2 / (sum x)^2 - 1,   x = gamma^2 of the discarded values,
     z = (M' U - L' - 1) / 2,           about N(0, 1) for noise.
@@ -338,6 +338,8 @@ def noise_z_scores(s: Any, shape: tuple[int, int]) -> np.ndarray:
     """
     length, m = _check_shape(shape)
     values = as_spectrum(s)
+    if values.size > length:
+        raise ValueError(f"got {values.size} singular values for shape {tuple(shape)}")
     x = np.concatenate([values, np.zeros(length - values.size)]) ** 2
     x = x / x[0] if x[0] > 0 else x  # scale-free, and no overflow in x**2
     left = np.arange(length, 0, -1)  # L - r values left

@@ -261,6 +261,7 @@ def test_missing_singular_values_count_as_zero() -> None:
         (lambda: evbmf_spectrum(np.ones(5), (4, 9)), "5 singular values"),
         (lambda: evbmf_spectrum([1.0, np.inf], (4, 9)), "finite"),
         (lambda: evbmf(np.ones((3, 4)), sigma2=-1.0), "sigma2"),
+        (lambda: noise_z_scores(np.ones(5), (4, 9)), "5 singular values"),
     ],
 )
 def test_bad_inputs_raise_value_error(call, message: str) -> None:
