@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench bench-tucker bench-cp bench-speed bench-quality bench-pretrained bench-smoke report clean
+.PHONY: install test test-all lint format demo bench bench-tucker bench-cp bench-speed bench-quality bench-pretrained bench-smoke report clean bench-latency gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -57,6 +57,19 @@ bench-quality: $(STAMP)
 bench-pretrained: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -r benchmarks/requirements-pretrained.txt
 	$(PY) -m benchmarks.bench_pretrained
+
+# latency budgets (long: run it under the shared benchmark lock on a shared machine); rows are
+# written as they finish and a rerun resumes
+bench-latency: $(STAMP)
+	$(PY) -m benchmarks.bench_latency
+
+# every CUDA path in one short run, on a GPU machine's own python3 (no install needed)
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
+# the same checks on the CPU, here
+gpu-check-dry: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --dry-run
 
 report: $(STAMP)
 	$(PY) -m benchmarks.report

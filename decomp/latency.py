@@ -75,9 +75,10 @@ the ranks just below it (its convs work on blocks of 8 channels), and eager PyTo
 in steps of 16 channels at batch 64."""
 POINTS = 6
 """Factorized ranks measured per layer geometry (besides the dense layer)."""
-LAYER_TIMING = {"rounds": 5, "block_s": 0.01}
-MODEL_TIMING = {"rounds": 7, "block_s": 0.05}
-"""Interleaved rounds, and the least time one block of calls of one candidate takes."""
+LAYER_TIMING = {"rounds": 5, "block_s": 0.01, "max_s": 10.0}
+MODEL_TIMING = {"rounds": 7, "block_s": 0.05, "max_s": 30.0}
+"""Interleaved rounds, the least time one block of calls of one candidate takes, and about how
+long all rounds may take (fewer rounds, at least 3, for slow candidates)."""
 
 
 # --------------------------------------------------------------------------- keys and tables
@@ -385,17 +386,25 @@ def _block_ms(run: Callable[[], Any], number: int, key: Key) -> float:
 
 
 def interleaved(
-    runs: Sequence[Callable[[], Any]], key: Key, rounds: int, block_s: float
+    runs: Sequence[Callable[[], Any]],
+    key: Key,
+    rounds: int,
+    block_s: float,
+    max_s: float | None = None,
 ) -> list[list[float]]:
     """Per-call milliseconds of every run in each round: one block of calls per run per round,
     the order reversed every other round, so that a change in the machine's load falls on all
-    of them alike. Each run is warmed up and its block sized to last about ``block_s``."""
-    numbers = []
+    of them alike. Each run is warmed up and its block sized to last about ``block_s``; with
+    ``max_s``, fewer rounds (at least 3) where all of them would take longer than that."""
+    numbers, round_ms = [], 0.0
     with _timing(key):
         for run in runs:
             run()  # the first call pays one-off costs (allocations, kernel selection)
             once = _block_ms(run, 1, key)
             numbers.append(max(1, min(10_000, math.ceil(block_s * 1e3 / max(once, 1e-6)))))
+            round_ms += numbers[-1] * once
+        if max_s is not None:
+            rounds = max(min(rounds, 3), min(rounds, int(max_s * 1e3 / max(round_ms, 1e-6))))
         times: list[list[float]] = [[] for _ in runs]
         for r in range(rounds):
             order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
@@ -590,6 +599,7 @@ def paired_latency(
     threads: int | None = None,
     rounds: int = MODEL_TIMING["rounds"],
     block_s: float = MODEL_TIMING["block_s"],
+    max_s: float | None = MODEL_TIMING["max_s"],
     fused: bool = True,
 ) -> dict[str, Any]:
     """Time two models back to back, interleaved, and report the speed-up with its spread.
@@ -597,7 +607,8 @@ def paired_latency(
     Both are fused first (:func:`decomp.fuse`, unless ``fused=False``) and run under the same
     runtime, device, batch and threads. Each round times one block of calls of each (the order
     reversed every other round); the speed-up is the median over rounds of
-    ``original_ms / compressed_ms``, so a change of load during the run cancels out.
+    ``original_ms / compressed_ms``, so a change of load during the run cancels out. Slow
+    models get fewer rounds (at least 3) so that all of them take about ``max_s``.
 
     Returns:
         ``{"original_ms", "compressed_ms" (medians), "speedup" (median of the per-round
@@ -610,7 +621,7 @@ def paired_latency(
     x = torch.randn(batch, *size)
     prepare = fuse if fused else (lambda m: copy.deepcopy(m).eval())
     runs = [_runner(prepare(m), x, key) for m in (original, compressed)]
-    before, after = interleaved(runs, key, rounds, block_s)
+    before, after = interleaved(runs, key, rounds, block_s, max_s)
     speedups = [b / a for b, a in zip(before, after, strict=True)]
     return {
         "original_ms": statistics.median(before),
@@ -619,7 +630,7 @@ def paired_latency(
         "ratio": statistics.median(a / b for b, a in zip(before, after, strict=True)),
         "speedup_iqr": [float(np.percentile(speedups, 25)), float(np.percentile(speedups, 75))],
         "speedup_range": [min(speedups), max(speedups)],
-        "rounds": rounds,
+        "rounds": len(speedups),
         "runtime": runtime,
         "device": device,
         "batch": batch,

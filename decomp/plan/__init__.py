@@ -116,7 +116,7 @@ def plan(
             runtime's :data:`~decomp.latency.ALIGN`, and a layer that is not faster
             factorized stays dense (``Skip.NOT_FASTER``). With ``check_landing`` the
             planned model is built (shapes only), timed paired with the original, and the
-            budget corrected until it lands within 0.85-1.0 of the target (at most
+            budget corrected until it lands within :data:`LANDING` of the target (at most
             :data:`LANDING_ROUNDS` tries); the plan's ``latency`` attribute (this process
             only, not in its JSON) records the measurements.
 
@@ -192,9 +192,10 @@ def plan(
     return result
 
 
-LANDING = (0.85, 1.0)
-"""Where a latency-budgeted model's measured latency should land, as a share of the target."""
-LANDING_AIM = 0.93
+LANDING = (0.86, 0.97)
+"""Where a latency-budgeted model's measured latency should land, as a share of the target:
+inside 0.85-1.0 with room for the few percent by which a second measurement differs."""
+LANDING_AIM = 0.92
 """Where a corrected budget aims, as a share of the target (inside :data:`LANDING`)."""
 LANDING_ROUNDS = 4
 """How many budgets a plan with ``check_landing`` tries at most."""

@@ -1,0 +1,498 @@
+"""Latency budgets, measured: where ``target_latency`` lands, how much of the MAC cut shows as
+speed, and what it costs in F1 against a MACs budget at the same measured latency.
+
+Part 1, landing rows: for resnet18, resnet50 and vgg16 at 64 px (random weights, seed 0) and the
+demo's resnet18 at 32 px (its trained baseline when there is one), under eager PyTorch and ONNX
+Runtime, at batch 1 and 64, for targets of 1/2 and 1/4 of the measured baseline:
+
+- ``decomp.latency.profile`` fills a per-layer latency table (cached under ``--tables``);
+- ``decomp.plan(..., method="auto", target_latency=T, runtime=R, batch=B)`` plans;
+- ``decomp.apply`` factorizes (real weights), and ``decomp.latency.paired_latency`` times the
+  result paired with the original: landing = measured latency / target, speed-up with its
+  spread, MACs cut (thop), efficiency = speed-up / MACs cut, the output's relative error on a
+  random batch; for ONNX Runtime rows, the same model's eager speed-up beside it.
+
+A target below the floor is recorded with the error that names the floor.
+
+Part 2, F1 rows: on the demo's trained resnet18 (``runs/demo/baseline.pt``, else
+``--baseline``, else one trained here with :func:`decomp.recipes.train_baseline`), for each
+target the latency plan is matched by a MACs budget whose model measures the same latency
+(bisection on ``target_macs``, paired measurements); both are factorized, batch-norm calibrated,
+fine-tuned the same way and tested.
+
+Rows are written as they finish and a rerun skips the rows it has (``--fresh`` starts over);
+``--budget-s`` bounds the run. Usage, from the repository root (under the shared lock)::
+
+    flock /tmp/decomp-bench.lock python -m benchmarks.bench_latency
+    python -m benchmarks.bench_latency --models resnet18 --runtimes onnxruntime --no-f1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    RESULTS_DIR,
+    Column,
+    make_meta,
+    read_results,
+    render_meta,
+    render_table,
+    shown_path,
+    write_results,
+    write_text,
+)
+
+MODELS = {
+    "resnet18": (3, 64, 64),
+    "demo_resnet18": (3, 32, 32),
+    "resnet50": (3, 64, 64),
+    "vgg16": (3, 64, 64),
+}
+RUNTIMES = ("onnxruntime", "torch")
+BATCHES = (1, 64)
+TARGETS = (0.5, 0.25)
+METHOD = "auto"
+EFFICIENCY_GOAL = 0.85
+DEMO_BASELINE = REPO / "runs" / "demo" / "baseline.pt"
+WORK_DIR = REPO / "runs" / "bench-latency"
+
+
+@dataclasses.dataclass
+class Config:
+    models: list[str]
+    runtimes: list[str]
+    batches: list[int]
+    targets: list[float]
+    threads: int
+    budget_s: float
+    f1: bool
+    f1_runtime: str
+    f1_batch: int
+    baseline: str | None
+    baseline_epochs: int
+    finetune_epochs: int
+    finetune_subset: int | None
+    tables: str
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(name: str, cfg: Config) -> nn.Module:
+    """A torchvision model with random weights (seed 0), or the demo's trained resnet18."""
+    import torchvision
+
+    if name == "demo_resnet18":
+        return demo_baseline(cfg).eval()
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def demo_baseline(cfg: Config) -> nn.Module:
+    """The demo's trained baseline (``--baseline``, else runs/demo/baseline.pt), else one
+    trained here once (``runs/bench-latency/baseline.pt``)."""
+    import decomp
+    from decomp.recipes import DEFAULT_ARCH, DEFAULT_DATA, train_baseline
+
+    for path in [cfg.baseline, DEMO_BASELINE, WORK_DIR / "baseline.pt"]:
+        if path and Path(path).exists():
+            return decomp.load(path)
+    train_baseline(
+        DEFAULT_ARCH,
+        None,
+        DEFAULT_DATA,
+        MODELS["demo_resnet18"],
+        cfg.baseline_epochs,
+        WORK_DIR / "baseline.pt",
+        seed=0,
+        augment=False,
+        evaluate_test=False,
+    )
+    return decomp.load(WORK_DIR / "baseline.pt")
+
+
+def baseline_source(cfg: Config) -> str:
+    for path in [cfg.baseline, DEMO_BASELINE, WORK_DIR / "baseline.pt"]:
+        if path and Path(path).exists():
+            return shown_path(path)
+    return "none yet"
+
+
+# --------------------------------------------------------------------------- part 1
+
+
+def table_path(cfg: Config, model: str, runtime: str, batch: int) -> Path:
+    return Path(cfg.tables) / f"{model}-{runtime}-b{batch}-t{cfg.threads}.json"
+
+
+def relative_error(original: nn.Module, compressed: nn.Module, size: Sequence[int]) -> float:
+    x = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, out = original(x), compressed(x)
+    return float((out - ref).norm() / ref.norm())
+
+
+def landing_rows(
+    cfg: Config, name: str, runtime: str, batch: int, todo: list[float]
+) -> list[dict[str, Any]]:
+    """One row per target for one model, runtime and batch (one profile for all of them)."""
+    import decomp
+    from decomp import latency
+    from decomp.metrics import count_macs
+    from decomp.plan import Skip
+
+    net, size = build_model(name, cfg), MODELS[name]
+    setting = {"runtime": runtime, "batch": batch, "threads": cfg.threads}
+    start = time.perf_counter()
+    table = latency.profile(
+        net, METHOD, size, table=table_path(cfg, name, runtime, batch), **setting
+    )
+    profile_s = time.perf_counter() - start
+    macs = count_macs(net, size)
+    rows = []
+    for target in todo:
+        row: dict[str, Any] = {"model": name, "input": list(size), **setting, "target": target}
+        row.update(profile_s=round(profile_s, 1), macs_before=macs)
+        row["baseline_ms"] = table.baseline_ms(net, size)
+        start = time.perf_counter()
+        try:
+            p = decomp.plan(
+                net, METHOD, input_size=size, target_latency=target, latency_table=table, **setting
+            )
+        except ValueError as exc:
+            rows.append({**row, "status": "infeasible", "message": str(exc)})
+            continue
+        row["plan_s"] = round(time.perf_counter() - start, 1)
+        compressed = decomp.apply(net, p)
+        measured = latency.paired_latency(net, compressed, size, **setting)
+        row.update(_measured(measured, target, macs, count_macs(compressed, size)))
+        row.update(
+            status="ok",
+            error=relative_error(net, compressed, size),
+            factorized=len(p.decomposed),
+            not_faster=sum(lp.skip is Skip.NOT_FASTER for lp in p.layers),
+            plan_tries=p.latency["tries"],
+            plan_landing=p.latency.get("landing"),
+            scale=p.latency["scale"],
+            ranks={lp.name: lp.ranks for lp in p.decomposed},
+        )
+        if runtime == "onnxruntime":
+            eager = latency.paired_latency(net, compressed, size, batch=batch, threads=cfg.threads)
+            row["eager_speedup"] = eager["speedup"]
+            row["eager_efficiency"] = eager["speedup"] / row["macs_cut"]
+        rows.append(row)
+        del compressed
+        gc.collect()
+    return rows
+
+
+def _measured(measured: dict, target: float, macs: int, macs_after: int) -> dict[str, Any]:
+    cut = macs / macs_after
+    return {
+        "landing": measured["ratio"] / target,
+        "speedup": measured["speedup"],
+        "speedup_iqr": measured["speedup_iqr"],
+        "original_ms": measured["original_ms"],
+        "compressed_ms": measured["compressed_ms"],
+        "rounds": measured["rounds"],
+        "load_average": measured["load_average"],
+        "macs_after": macs_after,
+        "macs_cut": cut,
+        "efficiency": measured["speedup"] / cut,
+    }
+
+
+# --------------------------------------------------------------------------- part 2
+
+
+def matched_macs_plan(base: nn.Module, size: Sequence[int], ratio: float, setting: dict) -> tuple:
+    """A MACs-budget plan whose model measures ``ratio`` of the original's latency (paired),
+    by bisection on ``target_macs``: ``(plan, measured ratio, target_macs, steps)``."""
+    import decomp
+    from decomp import latency
+
+    low, high, best, steps = 0.02, 1.0, None, []
+    for _ in range(8):
+        middle = (low + high) / 2
+        p = decomp.plan(base, METHOD, input_size=size, target_macs=middle)
+        built = decomp.apply(base, p, init="structure")
+        got = latency.paired_latency(base, built, size, **setting)["ratio"]
+        steps.append({"target_macs": middle, "ratio": got})
+        if best is None or abs(got - ratio) < abs(best[1] - ratio):
+            best = (p, got, middle)
+        if abs(got - ratio) <= 0.03 * ratio:
+            break
+        low, high = (middle, high) if got < ratio else (low, middle)
+    return (*best, steps)
+
+
+def f1_row(cfg: Config, target: float, bundle: Any) -> dict[str, Any]:
+    """Latency budget vs a MACs budget at the same measured latency, after the same fine-tune."""
+    import decomp
+    from decomp import latency
+    from decomp.metrics import count_macs
+    from decomp.recipes import CALIBRATION_BATCHES, FINETUNE_LR, finetune
+
+    base, size = demo_baseline(cfg).eval(), MODELS["demo_resnet18"]
+    setting = {"runtime": cfg.f1_runtime, "batch": cfg.f1_batch, "threads": cfg.threads}
+    path = table_path(cfg, "demo_resnet18", cfg.f1_runtime, cfg.f1_batch)
+    table = latency.profile(base, METHOD, size, table=path, **setting)
+    row: dict[str, Any] = {"target": target, **setting, "baseline": baseline_source(cfg)}
+    try:
+        lat = decomp.plan(
+            base, METHOD, input_size=size, target_latency=target, latency_table=table, **setting
+        )
+    except ValueError as exc:
+        return {**row, "status": "infeasible", "message": str(exc)}
+    ratio = lat.latency["measured"]["ratio"]
+    macs_plan, macs_ratio, macs_target, steps = matched_macs_plan(base, size, ratio, setting)
+    row["macs_search"] = steps
+    for label, p in (("latency", lat), ("macs", macs_plan)):
+        model = decomp.apply(base, p)
+        outcome = finetune(
+            model,
+            bundle,
+            epochs=cfg.finetune_epochs,
+            lr=FINETUNE_LR,
+            seed=0,
+            train_subset=cfg.finetune_subset,
+            calibrate_batches=CALIBRATION_BATCHES,
+        )
+        measured = latency.paired_latency(base, outcome.model, size, **setting)
+        row[label] = {
+            "plan": p.rank,
+            "macs": count_macs(outcome.model, size),
+            "measured_ratio": measured["ratio"],
+            "speedup_iqr": measured["speedup_iqr"],
+            "f1_epoch0": outcome.history[0].get("val_f1"),
+            "val_f1": outcome.best_val_f1,
+            "test_f1": (outcome.test or {}).get("f1"),
+        }
+    row["macs"]["target_macs"] = macs_target
+    row["f1_gain"] = _diff(row["latency"]["test_f1"], row["macs"]["test_f1"])
+    row["status"] = "ok"
+    return row
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class Run:
+    """The results file, kept up to date row by row."""
+
+    def __init__(self, cfg: Config, path: Path, fresh: bool) -> None:
+        self.cfg, self.path, self.start = cfg, path, time.perf_counter()
+        old = read_results(path) if path.exists() and not fresh else {}
+        self.rows: list[dict] = old.get("rows", [])
+        self.f1: list[dict] = old.get("f1", [])
+        self.f1_baseline: dict | None = old.get("f1_baseline")
+
+    def has(self, **key: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.start > self.cfg.budget_s
+
+    def save(self) -> None:
+        config = {**dataclasses.asdict(self.cfg), "tables": shown_path(self.cfg.tables)}
+        config["baseline"] = baseline_source(self.cfg)
+        meta = make_meta(config, efficiency_goal=EFFICIENCY_GOAL)
+        write_results(self.path, meta, self.rows, f1=self.f1, f1_baseline=self.f1_baseline)
+        write_text(self.path.with_suffix(".md"), render_markdown(read_results(self.path)))
+
+
+def run(cfg: Config, path: Path, fresh: bool, log: Any) -> Run:
+    state = Run(cfg, path, fresh)
+    for name in cfg.models:
+        for runtime in cfg.runtimes:
+            for batch in cfg.batches:
+                key = {"model": name, "runtime": runtime, "batch": batch, "threads": cfg.threads}
+                todo = [t for t in cfg.targets if not state.has(**key, target=t)]
+                if not todo or state.out_of_time():
+                    continue
+                log(f"{name} {runtime} batch {batch}: targets {todo}")
+                state.rows += landing_rows(cfg, name, runtime, batch, todo)
+                state.save()
+    if cfg.f1:
+        from decomp.evaluate import quick_scores
+        from decomp.recipes import DEFAULT_DATA, load_bundle
+
+        bundle = None
+        for target in cfg.targets:
+            if any(r["target"] == target for r in state.f1) or state.out_of_time():
+                continue
+            log(f"F1 at latency target {target}")
+            bundle = bundle or load_bundle(DEFAULT_DATA, MODELS["demo_resnet18"], seed=0)
+            if state.f1_baseline is None:
+                scores = quick_scores(demo_baseline(cfg).eval(), bundle)
+                state.f1_baseline = {"source": baseline_source(cfg), **scores}
+            state.f1.append(f1_row(cfg, target, bundle))
+            state.save()
+    state.save()
+    return state
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+COLUMNS = [
+    Column("model"),
+    Column("runtime"),
+    Column("batch"),
+    Column("target"),
+    Column("landing", "measured / target", ".3f"),
+    Column("speedup", "speed-up", _x),
+    Column("speedup_iqr", "IQR", lambda v: f"{v[0]:.2f}-{v[1]:.2f}"),
+    Column("macs_cut", "MACs cut", _x),
+    Column("efficiency", "efficiency", ".2f"),
+    Column("eager_speedup", "eager speed-up", _x),
+    Column("eager_efficiency", "eager eff.", ".2f"),
+    Column("error", "output error", ".3f"),
+    Column("factorized", "layers"),
+    Column("not_faster", "not faster"),
+    Column("profile_s", "profile s", ".0f"),
+    Column("status"),
+]
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    parts = [
+        "# Latency budgets\n",
+        render_meta(result["meta"]),
+        "\nlanding = measured latency (paired with the original, median over interleaved "
+        "rounds) / target; efficiency = speed-up / MACs cut (goal "
+        f">= {EFFICIENCY_GOAL} under ONNX Runtime at 1/2); eager columns: the same ONNX "
+        "Runtime-chosen model run in eager PyTorch.\n",
+        render_table(ok, COLUMNS),
+    ]
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        cols = [
+            Column("model"),
+            Column("runtime"),
+            Column("batch"),
+            Column("target"),
+            Column("message"),
+        ]
+        parts += ["\n## Targets below the floor\n", render_table(bad, cols)]
+    if result.get("f1"):
+        base = result.get("f1_baseline") or {}
+        parts += [
+            "\n## F1 at equal measured latency (demo resnet18, 32 px)\n",
+            f"Baseline {base.get('source')}: test F1 {base.get('f1', float('nan')):.4f}. Each "
+            "target's latency plan is matched by a MACs budget whose model measures the same "
+            "latency (bisection on target_macs); both are factorized, batch-norm calibrated and "
+            "fine-tuned identically.\n",
+            _f1_table(result),
+        ]
+    return "\n".join(parts)
+
+
+def _f1_table(result: dict[str, Any]) -> str:
+    flat = []
+    for r in result["f1"]:
+        if r["status"] != "ok":
+            flat.append({"target": r["target"], "status": r["status"]})
+            continue
+        for label in ("latency", "macs"):
+            m = r[label]
+            flat.append(
+                {
+                    "target": r["target"],
+                    "budget": label,
+                    "plan": m["plan"],
+                    "ratio": m["measured_ratio"],
+                    "macs": m["macs"],
+                    "f1_epoch0": m["f1_epoch0"],
+                    "test_f1": m["test_f1"],
+                    "status": r["status"],
+                }
+            )
+    cols = [
+        Column("target"),
+        Column("budget"),
+        Column("plan"),
+        Column("ratio", "measured latency / original", ".3f"),
+        Column("macs", "MACs", ",d"),
+        Column("f1_epoch0", "val F1 after BN calibration", ".4f"),
+        Column("test_f1", "test F1 after fine-tune", ".4f"),
+        Column("status"),
+    ]
+    return render_table(flat, cols)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (shared machine: 1)")
+    p.add_argument("--budget-s", type=float, default=5400.0, help="stop starting rows after this")
+    p.add_argument("--no-f1", dest="f1", action="store_false", help="skip the F1 comparison")
+    p.add_argument("--f1-runtime", choices=RUNTIMES, default="onnxruntime")
+    p.add_argument("--f1-batch", type=int, default=1)
+    p.add_argument("--baseline", default=None, help="trained demo resnet18 (a decomp file)")
+    p.add_argument("--baseline-epochs", type=int, default=4, help="when one is trained here")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-subset", type=int, default=20000, help="training images (0: all)")
+    p.add_argument("--tables", default=str(WORK_DIR / "tables"), help="latency tables folder")
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "latency.json")
+    p.add_argument("--fresh", action="store_true", help="ignore the rows already written")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = Config(
+        models=args.models,
+        runtimes=args.runtimes,
+        batches=args.batches,
+        targets=args.targets,
+        threads=args.threads,
+        budget_s=args.budget_s,
+        f1=args.f1,
+        f1_runtime=args.f1_runtime,
+        f1_batch=args.f1_batch,
+        baseline=args.baseline,
+        baseline_epochs=args.baseline_epochs,
+        finetune_epochs=args.finetune_epochs,
+        finetune_subset=args.finetune_subset or None,
+        tables=args.tables,
+    )
+    torch.set_num_threads(cfg.threads)
+    state = run(cfg, args.output, args.fresh, lambda text: print(text, file=sys.stderr, flush=True))
+    print(f"wrote {shown_path(args.output)}: {len(state.rows)} rows, {len(state.f1)} F1 rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
