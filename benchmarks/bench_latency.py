@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +82,7 @@ class Config:
     threads: int
     budget_s: float
     f1: bool
+    alignment: bool
     f1_runtime: str
     f1_batch: int
     baseline: str | None
@@ -131,6 +133,51 @@ def baseline_source(cfg: Config) -> str:
         if path and Path(path).exists():
             return shown_path(path)
     return "none yet"
+
+
+# --------------------------------------------------------------------------- part 0: alignment
+
+ALIGN_GEOMETRIES = ((64, 16), (128, 8), (256, 4))
+"""(channels, spatial size) of the 3x3 convs whose Tucker-2 cores the alignment part times."""
+ALIGN_RANKS = range(16, 57)
+ALIGNS = (4, 8, 16, 32)
+
+
+def alignment_rows(cfg: Config, runtime: str, batch: int) -> list[dict[str, Any]]:
+    """Is a rank rounded up to a multiple of ``a`` free? For each geometry, every rank in
+    :data:`ALIGN_RANKS` is timed (Tucker-2 at ranks (r, r), interleaved) and for each ``a``
+    the rows say how often the next multiple of ``a`` costs at most 5% more than ``r``."""
+    from decomp import latency
+    from decomp.factorize import registry
+
+    key = latency.Key.current(runtime, "cpu", batch, cfg.threads)
+    tucker, rows = registry.get("tucker"), []
+    for channels, hw in ALIGN_GEOMETRIES:
+        conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        x = torch.randn(batch, channels, hw, hw)
+        modules = [latency.structure(tucker, conv, [r, r]) for r in ALIGN_RANKS]
+        runs = [latency.runner(m, x, key) for m in modules]
+        times = latency.interleaved(runs, key, rounds=3, block_s=0.005)
+        ms = {r: sorted(t)[1] for r, t in zip(ALIGN_RANKS, times, strict=True)}
+        for align in ALIGNS:
+            pairs = [
+                (ms[r], ms[-(-r // align) * align])
+                for r in ms
+                if r % align and -(-r // align) * align in ms
+            ]
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "batch": batch,
+                    "channels": channels,
+                    "size": hw,
+                    "align": align,
+                    "ranks": len(pairs),
+                    "free": sum(up <= 1.05 * at for at, up in pairs) / max(len(pairs), 1),
+                    "median_up_over_r": float(np.median([up / at for at, up in pairs])),
+                }
+            )
+    return rows
 
 
 # --------------------------------------------------------------------------- part 1
@@ -305,6 +352,7 @@ class Run:
         self.rows: list[dict] = old.get("rows", [])
         self.f1: list[dict] = old.get("f1", [])
         self.f1_baseline: dict | None = old.get("f1_baseline")
+        self.alignment: list[dict] = old.get("alignment", [])
 
     def has(self, **key: Any) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
@@ -316,12 +364,26 @@ class Run:
         config = {**dataclasses.asdict(self.cfg), "tables": shown_path(self.cfg.tables)}
         config["baseline"] = baseline_source(self.cfg)
         meta = make_meta(config, efficiency_goal=EFFICIENCY_GOAL)
-        write_results(self.path, meta, self.rows, f1=self.f1, f1_baseline=self.f1_baseline)
+        write_results(
+            self.path,
+            meta,
+            self.rows,
+            f1=self.f1,
+            f1_baseline=self.f1_baseline,
+            alignment=self.alignment,
+        )
         write_text(self.path.with_suffix(".md"), render_markdown(read_results(self.path)))
 
 
 def run(cfg: Config, path: Path, fresh: bool, log: Any) -> Run:
     state = Run(cfg, path, fresh)
+    for runtime in cfg.runtimes:
+        for batch in cfg.batches:
+            done = any(r["runtime"] == runtime and r["batch"] == batch for r in state.alignment)
+            if cfg.alignment and not done and not state.out_of_time():
+                log(f"alignment: {runtime} batch {batch}")
+                state.alignment += alignment_rows(cfg, runtime, batch)
+                state.save()
     for name in cfg.models:
         for runtime in cfg.runtimes:
             for batch in cfg.batches:
@@ -390,6 +452,23 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Runtime-chosen model run in eager PyTorch.\n",
         render_table(ok, COLUMNS),
     ]
+    if result.get("alignment"):
+        cols = [
+            Column("runtime"),
+            Column("batch"),
+            Column("channels"),
+            Column("size"),
+            Column("align"),
+            Column("free", "next multiple costs <= 5% more", ".0%"),
+            Column("median_up_over_r", "median time ratio, next multiple / r", ".2f"),
+        ]
+        parts += [
+            "\n## Rank alignment\n",
+            "Tucker-2 of a 3x3 conv at ranks (r, r), r = 16..56, every rank timed; for each "
+            "multiple a, how often rounding r up to the next multiple of a costs at most 5% "
+            "more time (where it is free, a budget may as well take the larger rank).\n",
+            render_table(result["alignment"], cols),
+        ]
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         cols = [
@@ -458,6 +537,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (shared machine: 1)")
     p.add_argument("--budget-s", type=float, default=5400.0, help="stop starting rows after this")
     p.add_argument("--no-f1", dest="f1", action="store_false", help="skip the F1 comparison")
+    p.add_argument(
+        "--no-alignment",
+        dest="alignment",
+        action="store_false",
+        help="skip timing ranks that are and are not multiples of 4, 8, 16, 32",
+    )
     p.add_argument("--f1-runtime", choices=RUNTIMES, default="onnxruntime")
     p.add_argument("--f1-batch", type=int, default=1)
     p.add_argument("--baseline", default=None, help="trained demo resnet18 (a decomp file)")

@@ -337,7 +337,7 @@ def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
             return program.model_proto.SerializeToString()
 
 
-def _runner(module: nn.Module, x: torch.Tensor, key: Key) -> Callable[[], Any]:
+def runner(module: nn.Module, x: torch.Tensor, key: Key) -> Callable[[], Any]:
     """A call that runs ``module`` on ``x`` once under the key's runtime and device."""
     module = module.eval()
     if key.runtime == "torch":
@@ -434,7 +434,7 @@ def _plain_copy(layer: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _structure(method: Method, layer: nn.Module, ranks: Sequence[int]) -> nn.Module:
+def structure(method: Method, layer: nn.Module, ranks: Sequence[int]) -> nn.Module:
     """The factorized module at ``ranks``, with small random weights (shapes are what time
     depends on; uninitialised memory could hold denormals, which are slow)."""
     module = method.build(layer, list(ranks))
@@ -452,8 +452,8 @@ def measure_layer(
     grid = snapped_grid(method.grid(plain_layer, _grid_points()), align)
     ranks = measured_ranks(grid, points)
     x = torch.randn(table.key.batch, *call.inp[1:])
-    modules = [plain_layer] + [_structure(method, plain_layer, r) for r in ranks]
-    runs = [_runner(m, x, table.key) for m in modules]
+    modules = [plain_layer] + [structure(method, plain_layer, r) for r in ranks]
+    runs = [runner(m, x, table.key) for m in modules]
     times = interleaved(runs, table.key, **LAYER_TIMING)
     medians = [statistics.median(t) for t in times]
     table.add_layer(layer, method, call, medians[0], list(zip(ranks, medians[1:], strict=True)))
@@ -469,7 +469,7 @@ def measure_model(model: nn.Module, input_size: Sequence[int], key: Key) -> floa
     """Median whole-model latency (fused) in milliseconds, over interleaved-style rounds."""
     size = check_input_size(input_size, dims=None)
     x = torch.randn(key.batch, *size)
-    (times,) = interleaved([_runner(fuse(model), x, key)], key, **MODEL_TIMING)
+    (times,) = interleaved([runner(fuse(model), x, key)], key, **MODEL_TIMING)
     return float(statistics.median(times))
 
 
@@ -620,7 +620,7 @@ def paired_latency(
     size = check_input_size(input_size, dims=None)
     x = torch.randn(batch, *size)
     prepare = fuse if fused else (lambda m: copy.deepcopy(m).eval())
-    runs = [_runner(prepare(m), x, key) for m in (original, compressed)]
+    runs = [runner(prepare(m), x, key) for m in (original, compressed)]
     before, after = interleaved(runs, key, rounds, block_s, max_s)
     speedups = [b / a for b, a in zip(before, after, strict=True)]
     return {
