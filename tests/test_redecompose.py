@@ -110,3 +110,16 @@ def test_every_stage_is_saved_and_rebuilt(tmp_path: Path) -> None:
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), twice(x))
+
+
+def test_output_aware_budget_refits_factorized_layers() -> None:
+    data = [torch.randn(8, *SIZE, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = tiny()
+    once = decomp.decompose(model, "auto", input_size=SIZE, target_macs=0.6, data=data)
+    target = int(0.3 * decomp.count_macs(model, SIZE))
+    p = decomp.plan(once, "auto", input_size=SIZE, target_macs=target, data=data)
+    redone = [lp for lp in p.decomposed if lp.previous_ranks]
+    assert redone and all(lp.fit == "outputs" for lp in redone)  # a factorized conv's inputs
+    assert all(sum(lp.ranks) <= sum(lp.previous_ranks) for lp in redone)
+    twice = decomp.apply(once, p)
+    assert no_nesting(twice) and decomp.count_macs(twice, SIZE) == p.macs_after <= target

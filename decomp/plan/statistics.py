@@ -28,6 +28,13 @@ MAX_FEATURES = 4096
 features^2 numbers (vgg16's 25088-input classifier: 5 GB)."""
 
 
+def _first_layer(module: nn.Module) -> nn.Module:
+    """The layer that sees a module's input: itself, or a factorized chain's first link."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[0]
+    return module
+
+
 def input_features(layer: nn.Module) -> int:
     """The size of the vectors a layer's weight multiplies: Cin for a conv, in for a linear."""
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
@@ -59,7 +66,7 @@ def input_moments(
 
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        if isinstance(module, nn.Conv2d):
+        if isinstance(_first_layer(module), nn.Conv2d):  # a factorized conv is a Sequential
             rows = x.movedim(1, -1).reshape(-1, x.shape[1]).double()
         else:
             rows = x.reshape(-1, x.shape[-1]).double()
