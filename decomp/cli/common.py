@@ -24,6 +24,7 @@ from torch import nn
 
 from decomp import checkpoint
 from decomp.recipes import DEFAULT_RANK
+from decomp.tltorch import from_tltorch
 
 DEBUG_ENV = "DECOMP_DEBUG"
 _HANDLER_NAME = "decomp-cli"
@@ -219,10 +220,13 @@ def add_cwd_to_path() -> None:
 
 
 def load_model(path: Path, arch: str | None, arch_kwargs: str | None, trust: bool) -> nn.Module:
-    """:func:`decomp.load` of a command's MODEL, ``--arch`` resolved from the current folder too."""
+    """:func:`decomp.load` of a command's MODEL, ``--arch`` resolved from the current folder too;
+    tensorly-torch layers become the plain-layer modules they equal (:func:`decomp.from_tltorch`),
+    so that MACs are counted and exports work."""
     add_cwd_to_path()
     with status(f"loading {path}"):
-        return checkpoint.load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust)
+        model = checkpoint.load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust)
+        return from_tltorch(model, inplace=True)
 
 
 def input_size_of(given: Sequence[int] | None, model: nn.Module, path: Path) -> list[int]:
