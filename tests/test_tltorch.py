@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -151,8 +152,9 @@ def test_factorized_linears_convert_exactly(
     assert count_macs_competition(converted, (24,)) == ptflops
 
 
-def tltorch_net(width: int = 6) -> nn.Module:
-    """A small model of tltorch layers, one of every kind that converts, one that does not."""
+def tltorch_net(width: int = 6, joint: bool = True) -> nn.Module:
+    """A small model of tltorch layers, one of every kind that converts, and (``joint``) one
+    that does not."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         convs = [
@@ -166,9 +168,8 @@ def tltorch_net(width: int = 6) -> nn.Module:
                 width, width, 3, order=2, padding=(1, 0), factorization="tt", rank=(1, 3, 2, 4, 1)
             ),
         ]
-        joint = tltorch.FactorizedConv.from_conv_list(
-            [nn.Conv2d(width, width, 1), nn.Conv2d(width, width, 1)], rank=0.5
-        )
+        pair = [nn.Conv2d(width, width, 1), nn.Conv2d(width, width, 1)]
+        middle = tltorch.FactorizedConv.from_conv_list(pair, rank=0.5)[0] if joint else None
         heads = [
             tltorch.FactorizedLinear((2, 3), (2, 4), factorization="cp", rank=2),
             tltorch.FactorizedLinear((2, 4), (2, 5), factorization="blocktt", rank=2),
@@ -176,7 +177,7 @@ def tltorch_net(width: int = 6) -> nn.Module:
     for conv in convs:
         conv.reset_parameters(std=0.3)
     return nn.Sequential(
-        *convs, nn.ReLU(), joint[0], nn.AdaptiveAvgPool2d(1), nn.Flatten(), *heads
+        *convs, nn.ReLU(), middle or nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), *heads
     ).eval()
 
 
@@ -217,8 +218,7 @@ def test_the_converted_model_exports_to_onnx(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(4)
-    model = tltorch_net()
-    del model[4]  # the jointly parametrized layer stays a tltorch one
+    model = tltorch_net(joint=False)  # a jointly parametrized layer would stay a tltorch one
     converted = decomp.from_tltorch(model, strict=True)
     error = export(converted, tmp_path / "m.onnx", "onnx", (3, 8, 8), tolerance=1e-5)
     assert error is not None and error < 1e-5
@@ -333,3 +333,24 @@ def test_the_global_backend_side_effect() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "after to_tltorch: pytorch" in result.stdout
     assert "decomp under numpy: ok" in result.stdout
+
+
+def test_the_command_line_counts_and_exports_tltorch_models(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decomp.cli import app
+
+    torch.manual_seed(8)
+    model = tltorch_net(joint=False)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    args = [str(tmp_path / "sd.pt"), "--arch", ARCH, "--arch-kwargs", '{"joint": false}']
+    args += ["--input-size", "3,8,8"]
+    result = CliRunner().invoke(app, ["inspect", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    converted = decomp.from_tltorch(model)
+    assert report["macs"] == count_macs(converted, (3, 8, 8)) > count_macs(model, (3, 8, 8))
+    assert report["macs_competition"] == count_macs_competition(converted, (3, 8, 8))
+    result = CliRunner().invoke(app, ["export", *args, "--output", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").stat().st_size > 0
