@@ -238,3 +238,66 @@ def test_cuda_profile_uses_cuda_events():
         rounds=3,
     )
     assert out["device"] == "cuda" and out["speedup"] > 0
+
+
+def test_bench_latency_renders_its_rows():
+    from benchmarks.bench_latency import render_markdown
+
+    ok = {
+        "model": "resnet18",
+        "runtime": "onnxruntime",
+        "batch": 1,
+        "target": 0.5,
+        "landing": 0.93,
+        "speedup": 2.1,
+        "speedup_iqr": [2.0, 2.2],
+        "macs_cut": 1.4,
+        "efficiency": 1.5,
+        "eager_speedup": 1.9,
+        "eager_efficiency": 1.36,
+        "error": 0.3,
+        "factorized": 7,
+        "not_faster": 1,
+        "profile_s": 9.0,
+        "status": "ok",
+    }
+    low = {
+        "model": "resnet18",
+        "runtime": "torch",
+        "batch": 64,
+        "target": 0.25,
+        "status": "infeasible",
+        "message": "below the floor of 150 ms (0.49 of it)",
+    }
+    align = {
+        "runtime": "torch",
+        "batch": 1,
+        "channels": 64,
+        "size": 16,
+        "align": 8,
+        "ranks": 35,
+        "free": 0.4,
+        "median_up_over_r": 1.1,
+    }
+    side = {
+        "plan": "p",
+        "planned_ratio": 0.5,
+        "measured_ratio": 0.5,
+        "macs": 10,
+        "f1_epoch0": 0.8,
+        "test_f1": 0.9,
+    }
+    f1 = {"target": 0.5, "status": "ok", "latency": side, "macs": side}
+    meta = {"machine": {}, "versions": {}, "config": {}}
+    text = render_markdown(
+        {
+            "meta": meta,
+            "rows": [ok, low],
+            "alignment": [align],
+            "f1": [f1],
+            "f1_baseline": {"source": "b.pt", "f1": 0.91},
+        }
+    )
+    assert "| resnet18 | onnxruntime | 1 | 0.5 | 0.930 | 2.10x | 2.00-2.20 |" in text
+    assert "below the floor of 150 ms" in text and "Rank alignment" in text
+    assert "test F1 0.9100" in text
