@@ -396,7 +396,7 @@ def _import_tltorch() -> ModuleType:
 
 
 def _zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """``conv``'s padding as the symmetric numbers tltorch takes; None when it has none."""
+    """``conv``'s padding as the symmetric numbers tltorch takes; None where it cannot be."""
     if conv.padding == "valid":
         return 0, 0
     if conv.padding == "same":
@@ -407,9 +407,9 @@ def _zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 
 def _spatial(module: TuckerConv2d | CPConv2d) -> tuple[dict[str, tuple[int, int]] | None, str]:
     """stride, padding and dilation of ``module``'s spatial conv(s) for tltorch, or why not."""
-    convs = [module.core] if isinstance(module, TuckerConv2d) else [module.vertical]
-    if isinstance(module, CPConv2d):
-        convs.append(module.horizontal)
+    convs = (
+        [module.core] if isinstance(module, TuckerConv2d) else [module.vertical, module.horizontal]
+    )
     if any(c.padding_mode != "zeros" for c in convs):
         return None, f"padding_mode={convs[0].padding_mode}: tltorch pads with zeros only"
     pads = [_zero_padding(c) for c in convs]

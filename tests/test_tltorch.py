@@ -276,6 +276,13 @@ def test_to_tltorch_leaves_what_tltorch_cannot_express(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="decomp.tltorch"):
         out = decomp.to_tltorch(model)
     assert type(out[0]) is TuckerConv2d and "padding_mode=reflect" in caplog.text
+    odd = decomp.factorize.cp(nn.Conv2d(4, 4, 3, padding="same", dilation=2), 3)
+    even = decomp.factorize.tucker2(nn.Conv2d(4, 4, 2, padding="same"), (2, 2))
+    out = decomp.to_tltorch(nn.Sequential(odd, even))
+    assert isinstance(out[0], tltorch.FactorizedConv) and out[0].padding.tolist() == [2, 2]
+    assert type(out[1]) is TuckerConv2d and "asymmetric" in caplog.text
+    x = torch.randn(1, 4, 7, 7)
+    assert _rel(out[0](x), odd(x)) < 1e-5
 
 
 def test_a_shared_layer_is_converted_once_under_every_name() -> None:
