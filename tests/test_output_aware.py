@@ -137,3 +137,12 @@ def test_fitting_outputs_needs_data() -> None:
         decomp.plan(Net(), "tucker", input_size=SIZE, fit="outputs")
     with pytest.raises(ValueError, match="unknown fit"):
         decomp.plan(Net(), "tucker", input_size=SIZE, data=batches(), fit="activations")
+
+
+def test_the_plan_states_its_fit_and_the_vbmf_floor() -> None:
+    p = decomp.plan(Net().eval(), "auto", "vbmf:0.5", SIZE, data=batches(), force=True)
+    assert any("min_rank" in n for n in p.notes)
+    assert any(f"on {p.fit_images} calibration images" in n for n in p.notes)
+    assert Plan.from_json(p.to_json()).notes == p.notes
+    ratio = decomp.plan(Net().eval(), "auto", "ratio:0.5", SIZE)
+    assert ratio.notes == []

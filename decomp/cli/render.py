@@ -41,6 +41,8 @@ def plan_table(p: Plan, title: str | None = None) -> Table:
     for name in ("MACs before", "MACs after", "params before", "params after"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("skipped because", overflow="fold", ratio=1)
+    if p.notes:
+        table.caption, table.caption_justify = "\n".join(p.notes), "left"
     for lp in p.layers:
         style = None if lp.method else "dim"
         table.add_row(

@@ -34,7 +34,7 @@ from decomp.plan.model import PLAN_FORMAT, LayerPlan, Plan, Skip
 from decomp.plan.policy import select_ranks
 from decomp.plan.statistics import FIT_BATCHES
 from decomp.plan.trace import trace_calls
-from rank_selection import RankSpec, parse_rank_spec
+from rank_selection import MIN_RANK_FRACTION, RankSpec, parse_rank_spec
 
 __all__ = [
     "PLAN_FORMAT",
@@ -184,6 +184,8 @@ def plan(
             lambda c: (Skip.BUDGET, "kept dense by the MACs budget"),
         )
     result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
+    budgeted = target_macs is not None or target_latency is not None
+    result.notes = _notes(result, None if budgeted else spec)
     kept = {
         c.lp.name: whitening[c.module] for c in eligible if c.lp.method and c.module in whitening
     }
@@ -288,6 +290,24 @@ class _LatencyBudget:
             f"{c.method.name} is not faster than the layer as it is on "
             f"{self.table.key.describe()}: {best:.3g} ms at best vs {before:.3g} ms"
         )
+
+
+def _notes(result: Plan, spec: RankSpec | None) -> list[str]:
+    """The plan-wide facts a reader needs: the floor under vbmf ranks, what was fitted."""
+    notes = []
+    if spec is not None and spec.name == "vbmf":
+        notes.append(
+            f"{spec} ranks are at least min_rank = ceil({MIN_RANK_FRACTION} x each mode's size) "
+            "(rank_selection.min_rank); a rank of 0 still means the weights look like noise"
+        )
+    if result.fit == "outputs":
+        fitted = sum(lp.fit == "outputs" for lp in result.decomposed)
+        notes.append(
+            f"{fitted} of {len(result.decomposed)} factorized layers fit their outputs on "
+            f"{result.fit_images} calibration images ({result.fit_batches} batches); the rest "
+            "fit their weights"
+        )
+    return notes
 
 
 def _miss(landing: float | None) -> float:

@@ -114,6 +114,8 @@ class Plan:
     measured."""
     fit_batches: int = 0
     fit_images: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What a reader of the plan should know beyond the per-layer rows (rank floors, fits)."""
     whitening: dict[str, Whitening] | None = field(default=None, repr=False, compare=False)
     """The input statistics of an output-aware plan, by layer name, kept for :func:`apply` in
     the same process; never saved (apply measures them again from ``data`` when missing)."""
