@@ -31,6 +31,7 @@ import io
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -68,7 +69,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> int
 
     size = check_input_size(input_size, dims=None)
     device, dtype = model_device(model), model_dtype(model)
-    clone = copy.deepcopy(model).eval()
+    clone = _countable(model)
     x = torch.zeros((1, *size), device=device, dtype=dtype)
     macs, _ = thop.profile(clone, inputs=(x,), verbose=False)
     return int(round(float(macs)))
@@ -90,7 +91,7 @@ def count_macs_competition(model: nn.Module, input_size: Sequence[int] = (3, 32,
     from ptflops import get_model_complexity_info
 
     size = check_input_size(input_size, dims=None)
-    clone = copy.deepcopy(model).eval()
+    clone = _countable(model)
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         macs, _ = get_model_complexity_info(
@@ -106,6 +107,17 @@ def count_macs_competition(model: nn.Module, input_size: Sequence[int] = (3, 32,
     if sink.getvalue():
         logger.debug("ptflops said: %s", sink.getvalue().strip())
     return int(round(float(macs)))
+
+
+def _countable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy the counters can see through: tensorly-torch layers (which thop and
+    ptflops count as almost nothing) replaced by the plain layers that compute the same."""
+    clone = copy.deepcopy(model).eval()
+    if "tltorch" in sys.modules:  # no tltorch layer can exist before tltorch is imported
+        from decomp.tltorch import from_tltorch
+
+        clone = from_tltorch(clone, inplace=True)
+    return clone
 
 
 def _subclass_hooks(model: nn.Module) -> dict[type, Any]:

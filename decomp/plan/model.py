@@ -61,6 +61,9 @@ class LayerPlan:
     see :mod:`decomp.plan.importance`). None otherwise."""
     skip: Skip | None = None
     pad: str | list[int] | None = None
+    """Zero padding the layer did in its own forward, carried over in front of its factorized
+    module: "same" (TensorFlow's, computed per input) or fixed [left, right, top, bottom]; None
+    for a plain layer (see :mod:`decomp.plan.forwards`)."""
     fit: str = "weights"
     """What the factorization fits: "weights", or "outputs" on calibration data (see
     :mod:`decomp.plan.statistics`)."""
@@ -68,9 +71,6 @@ class LayerPlan:
     """For a layer that is already factorized (a second decomposition): the ranks it has now.
     It is re-factorized at lower ranks of the same method (its 'shape' is that of the weight
     its factors define), so that factorized modules merge instead of nesting."""
-    """Zero padding the layer did in its own forward, carried over in front of its factorized
-    module: "same" (TensorFlow's, computed per input) or fixed [left, right, top, bottom]; None
-    for a plain layer (see :mod:`decomp.plan.forwards`)."""
 
     def __post_init__(self) -> None:
         if self.skip is not None:
