@@ -259,20 +259,27 @@ def speed_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
 
 
 def quality_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
-    """``bench_quality``: baselines, goal and budget lines, budget table, Pareto plot."""
+    """``bench_quality``: baselines, the goal and comparison lines, CPU time and load, the
+    staged, budget and fit tables, the Pareto plot."""
     rows = result.get("rows", [])
     ok = sum(r.get("status") == "ok" for r in rows)
     extra = f"{_plural(len(rows), 'row')}, {ok} ok"
-    table = bench_quality.budget_table(rows)
+    budget = bench_quality.budget_table(rows)
+    staged = bench_quality.staged_table(rows)
+    fits = [e for e in budget if "weights_f1" in e]
     return [
         provenance(result.get("meta", {}), ctx, "quality.json", extra),
         "",
         render_table(result.get("baselines", []), bench_quality.BASELINE_COLUMNS),
         *bench_quality.summary_lines(result),
         "",
-        render_table(table, bench_quality.BUDGET_COLUMNS)
-        if table
+        bench_quality.run_line(result),
+        "",
+        *([render_table(staged, bench_quality.STAGED_COLUMNS)] if staged else []),
+        render_table(budget, bench_quality.BUDGET_COLUMNS)
+        if budget
         else "No budgeted (target-macs) rows yet.\n",
+        *([render_table(fits, bench_quality.FIT_COLUMNS)] if fits else []),
         *_image(ctx, "quality_pareto.png", "macro F1 against MACs"),
     ]
 

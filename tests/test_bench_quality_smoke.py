@@ -63,25 +63,39 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_tiny_run_writes_rows_report_and_plot(tiny_run: dict[str, Any]) -> None:
     result, out = tiny_run["result"], tiny_run["out"]
     assert META_KEYS <= set(result["meta"]), set(result["meta"])
-    assert result["meta"]["versions"]["torch"]
+    assert result["meta"]["versions"]["torch"] and result["meta"]["cpu_seconds"] > 0
     rows = result["rows"]
     assert rows and all(r["status"] == "ok" for r in rows), [r.get("note") for r in rows]
     for row in rows:
         missing = set(bq.ROW_KEYS) - set(row)
         assert not missing, (row["job"], missing)
         for key in bq.ROW_KEYS:
-            if key not in ("model", "method", "rank"):
-                assert isinstance(row[key], int | float), (row["job"], key, row[key])
+            if key in ("model", "method", "rank"):
+                continue
+            if key == "f1_before_finetune" and row["series"] in bq.STAGED_SERIES:
+                assert row[key] is None  # a staged row has no single before-calibration F1
+                continue
+            assert isinstance(row[key], int | float), (row["job"], key, row[key])
         assert 0 <= row["f1"] <= 1 and row["macs"] < row["baseline_macs"], row["job"]
+        assert row["cpu_s"] > 0 and row["load"], row["job"]
     assert all(math.isfinite(n) for n in _finite_numbers(result))
+    assert {r["series"] for r in rows} == set(bq.SERIES)
     assert {r["method"] for r in rows if r["series"] == bq.SWEEP} == set(bq.METHODS)
-    assert {r["finetune_epochs"] for r in rows} == {0, 1}
+    assert {r["finetune_epochs"] for r in rows if r["series"] not in bq.STAGED_SERIES} == {0, 1}
     assert any(r["rank"].startswith("target-macs:") for r in rows)
-    assert {bq.TARGET, bq.RATIO_EQ, bq.VBMF_EQ} <= {r["series"] for r in rows}
+    fits = {r["series"]: r["fit"] for r in rows if r["series"] in bq.BUDGET_SERIES}
+    assert fits == {bq.TARGET: "outputs", bq.TARGET_WEIGHTS: "weights",
+                    bq.RATIO_EQ: "outputs", bq.VBMF_EQ: "outputs"}  # fmt: skip
+    staged = {r["series"]: r for r in rows if r["series"] in bq.STAGED_SERIES}
+    assert [len(staged[s]["stage_records"]) for s in bq.STAGED_SERIES] == [2, 1]
+    assert staged[bq.STAGED]["finetune_epochs"] == staged[bq.SINGLE]["finetune_epochs"] == 2
     assert result["baselines"][0]["model"] == "small_cnn"
     md = (out / "quality_tiny.md").read_text()
     assert "## Summary" in md and "| small_cnn | sweep | tucker |" in md
-    assert "target-macs vs ratio and weakened vbmf" in md
+    for heading in ("Multi-stage against single-stage", "Output-aware against weight-only"):
+        assert f"## {heading}" in md
+    assert "target-macs against uniform ratio and weakened vbmf" in md
+    assert "staged (2 x 1 ep)" in md and "CPU minutes in all" in md
     assert (out / "quality_tiny_pareto.png").stat().st_size > 0
 
 
@@ -109,23 +123,46 @@ def test_goal_line_chooses_by_validation_and_says_by_how_much() -> None:
         _row(macs_reduction=2.0, f1=0.920, val_f1=0.921),
     ]
     line = bq.goal_line(rows, "resnet18", 4.0, 0.5)
-    assert "missed** by 0.30 points" in line and "5.00x" in line
-    assert "holds** with 0.70 points to spare" in bq.goal_line(rows, "resnet18", 4.0, 1.5)
+    assert "not met**, by 0.30 points" in line and "5.00x" in line
+    assert "met** with 0.70 points to spare" in bq.goal_line(rows, "resnet18", 4.0, 1.5)
     assert "missed** on MACs" in bq.goal_line(rows, "resnet18", 8.0, 1.5)
 
 
 def test_budget_table_compares_at_equal_macs() -> None:
-    common = {"budget": 0.25, "finetune_epochs": 1, "method": "auto"}
+    common = {"budget": 0.25, "finetune_epochs": 0, "method": "auto"}
     rows = [
         _row(series=bq.TARGET, rank="target-macs:0.25", f1=0.91, macs=1000, **common),
+        _row(series=bq.TARGET_WEIGHTS, rank="target-macs:0.25", f1=0.905, macs=998, **common),
         _row(series=bq.RATIO_EQ, rank="ratio:0.3", f1=0.90, macs=1010, **common),
         _row(series=bq.VBMF_EQ, rank="vbmf:0.7", f1=0.915, macs=950, **common),
     ]
     (entry,) = bq.budget_table(rows)
     assert entry["budget"] == "1/4"
     assert entry["margin_vs_ratio"] == pytest.approx(1.0)
-    assert "loses to vbmf by 0.50 (MACs not matched: -5.0%)" in entry["verdict"]
-    assert "beats both in 0 of 1" in bq.budget_lines([entry])[0]
+    assert entry["margin_vs_weights"] == pytest.approx(0.5)
+    assert "loses to vbmf by 0.50 (MACs not matched: -5.0%; not counted)" in entry["verdict"]
+    assert "beats every matched one in 1 of 1" in bq.budget_lines([entry])[0]
+    (line,) = bq.fit_lines([entry])
+    assert "does not hold" in line and "higher everywhere" in line  # no 1-epoch entry
+
+
+def test_staged_table_compares_at_equal_epochs() -> None:
+    common = {"budget": 0.1, "budget_label": "1/10", "finetune_epochs": 3}
+    rows = [
+        _row(series=bq.STAGED, stages=3, epochs_per_stage=1, f1=0.915, val_f1=0.918,
+             macs=100, macs_reduction=10.1, **common),
+        _row(series=bq.SINGLE, stages=1, epochs_per_stage=3, f1=0.91, val_f1=0.911,
+             macs=99, macs_reduction=10.2, **common),
+    ]  # fmt: skip
+    (entry,) = bq.staged_table(rows)
+    assert entry["margin"] == pytest.approx(0.5) and entry["val_margin"] == pytest.approx(0.7)
+    (line,) = bq.staged_lines([entry])
+    assert "staged (3 x 1 ep) beats single stage by 0.50 (1 x 3 ep)" in line
+
+
+def test_frontier_keeps_the_points_nothing_beats() -> None:
+    points = [(4.0, 0.90), (1.0, 0.80), (2.0, 0.85), (3.0, 0.84), (5.0, 0.89)]
+    assert bq.frontier(points) == [(1.0, 0.80), (2.0, 0.85), (4.0, 0.90)]
 
 
 def test_tune_to_macs_bisects_to_the_target() -> None:

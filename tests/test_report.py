@@ -185,8 +185,9 @@ def test_section_shows_the_numbers_of_every_file(tree: dict[str, Path]) -> None:
     assert ">= 0.75 at batch 1 and 64; met by 0 of 1 rows" in text
     # quality: baseline, goal lines, budget table and the plot
     assert "| resnet18 | 0.9240 |" in text
-    assert "**resnet18, >= 8x fewer MACs at <= 1.5 point(s) of macro F1 lost: holds**" in text
-    assert "beats both in 1 of 1**" in text
+    goal = "**resnet18, >= 10x fewer MACs at <= 0.5 point(s) of macro F1 lost: not met**, by 0.57"
+    assert goal in text and "20x fewer MACs at <= 1.5 point(s) of macro F1 lost: missed**" in text
+    assert "beats every matched one in 1 of 1**" in text
     assert "| resnet18 | 1/8 | 1 | 4,000,000 | 0.9111 |" in text
     assert "![macro F1 against MACs](benchmarks/results/quality_pareto.png)" in text
     assert str(tree["results"]) not in text  # links are relative to the README

@@ -200,20 +200,25 @@ class _State:
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path, self.data = path, data
 
-    @classmethod
-    def open(cls, path: Path, settings: Mapping[str, Any], resume: bool) -> tuple[_State, bool]:
-        """The state to continue (``resume``) or a new one; ``(state, resumed)``."""
-        if not resume:
-            if path.exists():
-                raise ValueError(
-                    f"{path} holds a staged run already: pass resume=True (--resume) to "
-                    "continue it, or remove it (and its stage files) to start again"
-                )
-            return cls(path, {"format": STATE_FORMAT, "settings": dict(settings)}), False
-        if not path.exists():
+    @staticmethod
+    def check(path: Path, resume: bool) -> None:
+        """Refuse, before any work, to resume without a state or to start over one."""
+        if resume and not path.exists():
             raise ValueError(
                 f"nothing to resume: no state at {path}; run without resume (--resume) to start"
             )
+        if not resume and path.exists():
+            raise ValueError(
+                f"{path} holds a staged run already: pass resume=True (--resume) to continue "
+                "it, or remove it (and its stage files) to start again"
+            )
+
+    @classmethod
+    def open(cls, path: Path, settings: Mapping[str, Any], resume: bool) -> tuple[_State, bool]:
+        """The state to continue (``resume``) or a new one; ``(state, resumed)``."""
+        cls.check(path, resume)
+        if not resume:
+            return cls(path, {"format": STATE_FORMAT, "settings": dict(settings)}), False
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -348,6 +353,7 @@ def compress_in_stages(
     stage_budgets(0.5, stages)  # checks stages before any loading
     source = _source_of(model)
     check_output_path(output, source)
+    _State.check(state_path(output), resume)
     net = _as_model(model)
     arch_ref = arch or model_arch(net)
     if arch_ref is None:
