@@ -10,6 +10,7 @@
 - :func:`plain`: any result as JSON data.
 - :func:`batch_images`: the images of a loader batch.
 - :func:`check_choice`: a value from a fixed set, or an error that lists the set.
+- :func:`select_output`: the tensor to measure in a model's output (tuple, dict or tensor).
 """
 
 from __future__ import annotations
@@ -290,3 +291,44 @@ def plain(value: Any) -> Any:
     if hasattr(value, "tolist") and callable(value.tolist):  # NumPy and torch values
         return plain(value.tolist())
     return str(value)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def select_output(value: Any, key: str | int | None = None) -> Tensor:
+    """The one tensor of a model's output that decomp measures: the output itself when it is a
+    tensor; else the first (or ``key``-named) entry of a tuple, list or dict, such as the logits
+    of a model that also returns auxiliary outputs.
+
+    Raises:
+        ValueError: the output holds no such tensor; the message says what it was and how to
+            name another entry.
+    """
+    if isinstance(value, Tensor) and key is None:
+        return value
+    if isinstance(value, Mapping):
+        keys = list(value)
+        picked = value.get(key) if key is not None else (value[keys[0]] if keys else None)
+        where = f"dict with keys {keys}"
+    elif isinstance(value, list | tuple):
+        index = 0 if key is None else _output_index(key, len(value))
+        picked = value[index] if index is not None and index < len(value) else None
+        where = f"{type(value).__name__} of {len(value)}"
+    else:
+        picked, where = None, type(value).__name__
+    if not isinstance(picked, Tensor):
+        wanted = "its first entry" if key is None else f"entry {key!r}"
+        raise ValueError(
+            f"the model returned a {where}; {wanted} is not a tensor: name the output to use "
+            "(a dict key or a tuple index, --model-output on the command line)"
+        )
+    return picked
+
+
+def _output_index(key: str | int, length: int) -> int | None:
+    try:
+        index = int(key)
+    except (TypeError, ValueError):
+        return None
+    return index if -length <= index < length else None

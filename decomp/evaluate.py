@@ -99,6 +99,7 @@ def evaluate(
     latency_repeats: int = 20,
     baseline_macs: float = BASELINE_MACS,
     baseline_f1: float = BASELINE_F1,
+    output: str | int | None = None,
 ) -> dict[str, Any]:
     """Measure a classifier: quality, cost and the competition score. The model is not changed.
 
@@ -118,6 +119,8 @@ def evaluate(
         latency_repeats: timed passes per latency measurement (median reported).
         baseline_macs: the competition score's MACs constant.
         baseline_f1: the competition score's F1 constant.
+        output: for a model returning a tuple, list or dict, the entry holding the logits (an
+            index or a key; default the first).
 
     Returns:
         ``f1``, ``accuracy``, ``per_class_f1``, ``confusion_matrix``, ``num_samples``, ``split``,
@@ -131,7 +134,7 @@ def evaluate(
     if device is not None and torch.device(device) != model_device(model):
         net = copy.deepcopy(model).to(device)
     where = model_device(net)
-    summary = evaluate_model(net, loader, where, len(names) if names else None, names)
+    summary = evaluate_model(net, loader, where, len(names) if names else None, names, output)
     macs, macs_comp = count_macs(model, size), count_macs_competition(model, size)
     result = {
         **summary,

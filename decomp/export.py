@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from decomp._utils import PathLike, atomic_write, check_input_size, training_flags
+from decomp._utils import (
+    PathLike,
+    atomic_write,
+    check_input_size,
+    select_output,
+    training_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ def export(
     *,
     verify: bool = True,
     tolerance: float = 1e-4,
+    output: str | int | None = None,
 ) -> float | None:
     """Export ``model`` to ONNX (torch.export-based exporter) or TorchScript (trace), atomically.
 
@@ -40,6 +47,9 @@ def export(
         input_size: (C, H, W) of one input.
         verify: run the exported file and measure the difference.
         tolerance: the largest relative error accepted.
+        output: for a model that returns a tuple, list or dict, the entry to export (an index
+            or a key; default the first): the file has that one output (see
+            :func:`decomp._utils.select_output`).
 
     Returns:
         The relative error ``||y_export - y|| / ||y||``, or None when not verified (or
@@ -56,6 +66,7 @@ def export(
     writer = _write_onnx if format == "onnx" else _write_torchscript
     runner = _run_onnx if format == "onnx" else _run_torchscript
     error: list[float | None] = [None]
+    model = SingleOutput(model, output)
 
     def write(tmp: Path) -> None:
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
@@ -64,8 +75,21 @@ def export(
             error[0] = _verify(model, tmp, runner, size, tolerance)
 
     with training_flags(model, train=False):
+        with torch.no_grad():  # a clear error on an unusable output, before any export work
+            model(torch.zeros(1, *size))
         atomic_write(path, write)
     return error[0]
+
+
+class SingleOutput(nn.Module):
+    """``model`` with its output reduced to one tensor (:func:`decomp._utils.select_output`)."""
+
+    def __init__(self, model: nn.Module, key: str | int | None = None) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return select_output(self.model(x), self.key)
 
 
 def _verify(

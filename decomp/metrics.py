@@ -40,7 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from decomp._utils import check_input_size, model_device, model_dtype, training_flags
+from decomp._utils import (
+    check_input_size,
+    model_device,
+    model_dtype,
+    select_output,
+    training_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -374,6 +380,7 @@ def evaluate_model(
     device: str | torch.device | None = None,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
+    output: str | int | None = None,
 ) -> dict[str, Any]:
     """Predict every batch of ``loader`` and summarize (see ``classification_summary``).
 
@@ -386,6 +393,8 @@ def evaluate_model(
         device: Where to run; the model must already be there.
         num_classes: Defaults to ``len(class_names)``, else the logits' width.
         class_names: Names for the per-class report.
+        output: for a model returning a tuple, list or dict, the entry holding the logits (an
+            index or a key; default the first, see :func:`decomp._utils.select_output`).
 
     Returns:
         The ``classification_summary`` dict.
@@ -396,7 +405,7 @@ def evaluate_model(
     with training_flags(model, train=False):
         for batch in loader:
             inputs, targets = _split_batch(batch)
-            logits = model(inputs.to(target, non_blocking=True))
+            logits = select_output(model(inputs.to(target, non_blocking=True)), output)
             width = logits.shape[1]
             preds.append(logits.argmax(dim=1).cpu())
             trues.append(targets.reshape(-1).cpu())

@@ -115,6 +115,15 @@ DataOpt = Annotated[
         "directory (train/ and val/, one folder per class).",
     ),
 ]
+ModelOutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-output",
+        metavar="KEY",
+        help="For a model whose forward returns a tuple, list or dict: the entry to use (an "
+        "index or a key). Default: the first.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")
 ]

@@ -20,6 +20,7 @@ from decomp.cli.common import (
     JsonOpt,
     Method,
     ModelArg,
+    ModelOutputOpt,
     RankOpt,
     TrustPickleOpt,
     VerboseOpt,
@@ -338,6 +339,7 @@ def export_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    model_output: ModelOutputOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Export a model to ONNX or TorchScript, checked against PyTorch (relative error < 1e-4)."""
@@ -350,7 +352,9 @@ def export_command(
         net = load_model(model, arch, arch_kwargs, trust_pickle)
         size = input_size_of(size, net, model)
         with status(f"exporting to {format.value}"):
-            error = forward_hint(lambda: export(net, target, format.value, size), size)
+            error = forward_hint(
+                lambda: export(net, target, format.value, size, output=model_output), size
+            )
         runner = "onnxruntime" if format is ExportFormat.onnx else "torch.jit.load"
         check = (
             f"{runner} matches PyTorch (relative error {error:.1e})"

@@ -28,6 +28,7 @@ from decomp.cli.common import (
     JsonOpt,
     Method,
     ModelArg,
+    ModelOutputOpt,
     TrustPickleOpt,
     VerboseOpt,
     add_cwd_to_path,
@@ -182,6 +183,7 @@ def evaluate_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    model_output: ModelOutputOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -198,6 +200,7 @@ def evaluate_command(
             latency=latency,
             baseline_macs=baseline_macs,
             baseline_f1=baseline_f1,
+            output=model_output,
         )
         if json_output:
             print_json(metrics)
