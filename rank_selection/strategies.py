@@ -2,12 +2,12 @@
 
 Accepted specs (``R_full = min(shape)`` of the matrix whose spectrum is given):
 
-- ``vbmf``: the EVBMF rank (noise-checked, see :mod:`rank_selection.vbmf`), raised to
-  ``min_rank(shape)``; 0 stays 0: EVBMF found nothing but noise, and the caller leaves the
-  layer as it is;
+- ``vbmf``: the EVBMF rank (noise-checked, see :mod:`rank_selection.vbmf`), raised to the floor
+  :func:`min_rank`; 0 stays 0: EVBMF found nothing but noise, and the caller leaves the layer as
+  it is;
 - ``vbmf:WF`` with ``0 <= WF <= 1``: weakened EVBMF, ``ceil(R_full - WF * (R_full - R_vbmf))``,
-  at least ``min_rank(shape)`` (``vbmf:0`` keeps everything, ``vbmf:1`` is plain EVBMF raised to
-  the floor);
+  at least the floor (``vbmf:0`` keeps everything, ``vbmf:1`` is plain EVBMF raised to the
+  floor);
 - ``ratio:F`` with ``0 < F <= 1``: ``ceil(F * R_full)``;
 - ``energy:E`` with ``0 < E <= 1``: the smallest ``r`` whose leading squared singular values hold
   at least ``E`` of the total;
@@ -17,12 +17,13 @@ Accepted specs (``R_full = min(shape)`` of the matrix whose spectrum is given):
 Any registered strategy is also reachable as ``name`` or ``name:param`` (so ``fixed:12`` works too).
 
 The floor. A spectrum alone cannot tell a trained layer whose weights happen to look like noise
-from noise: EVBMF, even checked, gives ranks of 3 to 5 to some 16- to 40-channel 1x1 convs of a
-pretrained EfficientNet-Lite0, and raw EVBMF gave ranks of 1 to 5 to the 64-channel convs of a
-briefly trained ResNet-18 here. So the vbmf strategies never cut a mode below
-``min_rank(shape) = max(1, ceil(MIN_RANK_FRACTION * R_full))``, an eighth of it (MUSCO's floor
-of 8 on a 64-channel layer): a guard against degenerate bottlenecks, not a tuned optimum.
-``ratio``, ``energy`` and fixed ranks are the user's explicit choice and are not floored.
+from noise, and where EVB's split fails its noise-model check, the checked rank is where the rest
+*stops looking different* from noise, weak evidence on few values: on a pretrained
+EfficientNet-Lite0 it gives 3 to 5 to some 16- and 24-channel 1x1 convs. So the vbmf strategies
+never go below :func:`min_rank`: ``ceil(R_full / 8)`` (:data:`MIN_RANK_FRACTION`) where the split
+is noise-like, and at least :data:`MIN_RANK` = 8 (MUSCO's floor) where it is not, at most
+``R_full``. A guard against degenerate bottlenecks, not a tuned optimum. ``ratio``, ``energy`` and
+fixed ranks are the user's explicit choice and are not floored.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .vbmf import as_spectrum, evbmf_spectrum
 
 __all__ = [
     "ACCEPTED_FORMS",
+    "MIN_RANK",
     "MIN_RANK_FRACTION",
     "STRATEGIES",
     "RankSpec",
@@ -54,6 +56,8 @@ ACCEPTED_FORMS = (
 )
 MIN_RANK_FRACTION = 0.125
 """The vbmf strategies keep at least this share of a mode (see :func:`min_rank`)."""
+MIN_RANK = 8
+"""...and at least this many components where EVB's split is not noise-like."""
 _CEIL_SLACK = 1e-9  # so that e.g. 0.07 * 100 = 7.000000000000001 rounds up to 7, not 8
 _ENERGY_SLACK = 1e-12  # rounding of a cumulative sum of squares
 
@@ -148,34 +152,41 @@ def _positive_int(raw: Any) -> int:
     return value
 
 
-def min_rank(shape: tuple[int, int], fraction: float = MIN_RANK_FRACTION) -> int:
-    """The floor of the vbmf strategies: ``max(1, ceil(fraction * min(shape)))``.
+def min_rank(
+    shape: tuple[int, int], noise_like: bool = True, fraction: float = MIN_RANK_FRACTION
+) -> int:
+    """The floor of the vbmf strategies for a matrix of ``shape``.
 
     Args:
         shape: ``(rows, cols)`` of the matrix (a layer's weight, or one unfolding of it).
-        fraction: share of ``min(shape)`` to keep at least, in ``(0, 1]``.
+        noise_like: whether EVB's split passed its noise-model check
+            (:attr:`rank_selection.EVBMFResult.noise_like`).
+        fraction: share of ``R_full = min(shape)`` to keep at least, in ``(0, 1]``.
 
     Returns:
-        An integer in ``[1, min(shape)]``: 2 for 16 channels, 8 for 64, 125 for 1000.
+        ``min(R_full, max(1, ceil(fraction * R_full)))``, raised to :data:`MIN_RANK` when not
+        ``noise_like``: 2 for 16 channels (8 if not noise-like), 8 for 64, 125 for 1000.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction!r}")
     r_full = min(int(d) for d in shape)
     if r_full < 1:
         raise ValueError(f"shape must have positive sizes; got {tuple(shape)!r}")
-    return max(1, _ceil(fraction * r_full))
+    floor = max(1, _ceil(fraction * r_full))
+    return min(r_full, floor if noise_like else max(floor, MIN_RANK))
 
 
 @register("vbmf", _weakening)
 def _vbmf(s: np.ndarray, shape: tuple[int, int], weakening: float | None) -> int:
     """EVBMF rank, optionally moved towards full rank by ``1 - weakening``, at least the floor
     (plain ``vbmf`` keeps 0, which means "only noise")."""
-    r_vbmf = evbmf_spectrum(s, shape).checked_rank
+    result = evbmf_spectrum(s, shape)
+    r_vbmf = result.checked_rank
     if weakening is None and r_vbmf == 0:
         return 0
     r_full = min(shape)
     weakened = r_vbmf if weakening is None else _ceil(r_full - weakening * (r_full - r_vbmf))
-    return max(min_rank(shape), weakened)
+    return max(min_rank(shape, result.noise_like), weakened)
 
 
 @register("ratio", _fraction)

@@ -49,7 +49,11 @@ covariance matrix when the dimension is large compared to the sample size", Anna
 ``z < -NOISE_Z``: the discarded values are flatter than any noise of that shape (a plateau, not a
 bulk), so they are signal and ``checked_rank`` is ``L``. ``z > NOISE_Z``: they are more spread
 than noise, so EVB stopped too early; the rank is raised one at a time until the rest passes (or
-to ``L`` if the rest turns out flatter than noise on the way). ``checked_rank >= rank``; with
+to ``L`` if the rest turns out flatter than noise on the way), unless EVB kept nothing: a
+spectrum that is not noise and has no value standing out is a spread-out signal, and
+``checked_rank`` is ``L`` (MTCNN's PNet kept the original's decision on half of its inputs when
+its second conv, EVB rank 0 and ``z = 4.6``, was cut to ranks (8, 8) of (16, 10), and on 86% at
+(12, 8)). ``checked_rank >= rank``; with
 fewer than two values left the check cannot reject. With ``sigma2`` given there is nothing to
 check (``checked_rank == rank``). ``rank`` stays EVB's own answer, which the MACs budget of
 ``decomp.plan`` uses as a soft prior; the vbmf rank strategies use ``checked_rank``.
@@ -114,6 +118,11 @@ class EVBMFResult:
     shape: tuple[int, int]
     checked_rank: int
     noise_z: float | None
+
+    @property
+    def noise_like(self) -> bool:
+        """Whether what EVB discards looks like noise, so that its split can be trusted."""
+        return self.checked_rank == self.rank
 
 
 def _phi(z: float) -> float:
@@ -354,6 +363,8 @@ def noise_z_scores(s: Any, shape: tuple[int, int]) -> np.ndarray:
 def _checked_rank(scores: np.ndarray, evb_rank: int) -> int:
     """EVB's rank, raised until the values left pass the check (see the module docstring)."""
     length = scores.size
+    if evb_rank == 0 and abs(scores[0]) > NOISE_Z:
+        return length  # not noise, and no value stands out: a spread-out signal
     for r in range(evb_rank, length):
         if scores[r] < -NOISE_Z:
             return length  # flatter than noise: a plateau of signal

@@ -219,7 +219,7 @@ def test_smoothly_decaying_spectrum_is_not_cut_to_its_top(
 @pytest.mark.parametrize(("rows", "cols", "rank"), [(16, 96, 3), (50, 50, 6), (100, 300, 12)])
 def test_check_never_overshoots_a_weak_planted_rank(rows: int, cols: int, rank: int) -> None:
     # Signal at 0.8 to 1.6 times the noise edge: EVB misses some of it; the check may find more,
-    # never more than was planted.
+    # never more than was planted (unless EVB kept nothing at all, then it keeps everything).
     for seed in range(5):
         rng = np.random.default_rng(seed)
         u, _ = np.linalg.qr(rng.standard_normal((rows, rank)))
@@ -227,7 +227,18 @@ def test_check_never_overshoots_a_weak_planted_rank(rows: int, cols: int, rank: 
         edge = math.sqrt(rows) + math.sqrt(cols)
         y = (u * (edge * np.linspace(0.8, 1.6, rank))) @ v.T + rng.standard_normal((rows, cols))
         result = evbmf(y)
-        assert result.rank <= result.checked_rank <= rank, f"seed {seed}"
+        assert 0 < result.rank <= result.checked_rank <= rank, f"seed {seed}"
+
+
+def test_spectrum_without_spikes_that_is_not_noise_is_full_rank() -> None:
+    # 16x96 (the shape of a 1x1 conv): a smooth spectrum over a ratio of 3 has no value above
+    # EVB's threshold (rank 0) but is far more spread than noise (z > NOISE_Z): no cut is safe.
+    y = with_spectrum(16, 96, np.linspace(3.0, 1.0, 16))
+    result = evbmf(y)
+    assert result.rank == 0 and result.noise_z > NOISE_Z
+    assert result.checked_rank == 16 and not result.noise_like
+    noise = evbmf(np.random.default_rng(0).standard_normal((16, 96)))
+    assert noise.rank == noise.checked_rank == 0 and noise.noise_like
 
 
 def test_known_sigma2_is_not_checked() -> None:

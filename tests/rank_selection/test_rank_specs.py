@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rank_selection import (
+    MIN_RANK,
     MIN_RANK_FRACTION,
     STRATEGIES,
     RankSpec,
@@ -96,6 +98,13 @@ def test_min_rank_is_an_eighth_of_the_smaller_side(shape: tuple[int, int], floor
     assert MIN_RANK_FRACTION == 0.125
 
 
+def test_min_rank_is_at_least_eight_where_the_split_is_not_noise_like() -> None:
+    assert MIN_RANK == 8
+    assert min_rank((16, 96), noise_like=False) == 8
+    assert min_rank((6, 96), noise_like=False) == 6  # never above R_full
+    assert min_rank((1000, 1280), noise_like=False) == 125
+
+
 def test_min_rank_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="fraction"):
         min_rank((4, 4), fraction=0.0)
@@ -116,6 +125,20 @@ def test_vbmf_ranks_are_floored_but_zero_stays_zero() -> None:
     assert parse_rank_spec("vbmf:0.9").select(s, y.shape) == 10  # ceil(64 - 0.9 * 61)
     assert parse_rank_spec("ratio:0.01").select(s, y.shape) == 1  # explicit choices: no floor
     assert parse_rank_spec("2").select(s, y.shape) == 2
+
+
+def test_vbmf_floor_is_eight_where_the_split_is_not_noise_like() -> None:
+    # 16x96, a geometric spectrum over a ratio of 3 and no noise: EVB keeps its top value, the
+    # check a few more; neither is evidence enough to cut a 16-channel mode below 8.
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    v, _ = np.linalg.qr(rng.standard_normal((96, 16)))
+    s = np.linalg.svd((u * np.geomspace(3.0, 1.0, 16)) @ v.T, compute_uv=False)
+    result = evbmf_spectrum(s, (16, 96))
+    assert 0 < result.rank < result.checked_rank < 8 and not result.noise_like
+    assert parse_rank_spec("vbmf").select(s, (16, 96)) == 8
+    weakened = math.ceil(16 - 0.6 * (16 - result.checked_rank))  # above the floor here
+    assert parse_rank_spec("vbmf:0.6").select(s, (16, 96)) == weakened > 8
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
