@@ -22,7 +22,8 @@ only, so no input is judged by a model that saw it; its MACs are the mean of the
 
 Adding a variant is one line in :data:`VARIANTS` (its ``options`` go to ``plan``). The results
 also hold, per case, EVBMF's view of every factorizable mode (``evbmf``): EVB's rank, the
-noise-checked rank, the sphericity score and the vbmf floor (see :mod:`rank_selection.vbmf`).
+noise-checked rank, the sphericity score, the vbmf floor and the ``vbmf`` spec's rank (see
+:mod:`rank_selection.vbmf` and :mod:`rank_selection.strategies`).
 
 Writes ``pretrained.json`` and ``pretrained.md`` (``pretrained_tiny.*`` with ``--tiny``, a small
 in-file CNN with a same-padding conv subclass on random images, which needs none of the extra
@@ -64,13 +65,14 @@ from benchmarks.common import (  # noqa: E402
     write_results,
     write_text,
 )
-from rank_selection import evbmf, min_rank  # noqa: E402
+from rank_selection import evbmf, min_rank, parse_rank_spec  # noqa: E402
 
 CASES = ("mtcnn_onet", "efficientnet_lite0")
 TARGETS = (0.75, 0.5, 0.25, 0.1)
 RANKS = ("vbmf",)
 FOLDS = 2
 CALIBRATION_BATCH = 16
+VBMF = parse_rank_spec("vbmf")
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,9 @@ def evbmf_modes(case: pretrained.Case) -> list[dict[str, Any]]:
                     "evb_rank": result.rank,
                     "checked_rank": result.checked_rank,
                     "noise_z": result.noise_z,
-                    "min_rank": min_rank(tuple(mat.shape)),
+                    "noise_like": result.noise_like,
+                    "min_rank": min_rank(tuple(mat.shape), result.noise_like),
+                    "vbmf_rank": VBMF.select(result.singular_values, tuple(mat.shape)),
                 }
             )
     return modes
@@ -380,7 +384,9 @@ MODE_COLUMNS = [
     Column("evb_rank", "EVB rank"),
     Column("checked_rank", "checked rank"),
     Column("noise_z", "z", ".1f"),
+    Column("noise_like", "noise-like"),
     Column("min_rank", "floor"),
+    Column("vbmf_rank", "vbmf"),
 ]
 
 

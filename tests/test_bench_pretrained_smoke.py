@@ -72,6 +72,7 @@ def test_evbmf_section_covers_every_factorizable_mode(
     for m in modes:
         assert 0 <= m["evb_rank"] <= m["checked_rank"] <= m["full"]
         assert 1 <= m["min_rank"] <= m["full"]
+        assert m["vbmf_rank"] == 0 or m["min_rank"] <= m["vbmf_rank"] <= m["full"]
 
 
 def test_probabilities_and_agreement() -> None:
