@@ -200,10 +200,10 @@ def _judge(
     """Agreement, output shift and accuracy of the models of ``parts``, each on its inputs."""
     agree, shift, correct = 0.0, 0.0, 0
     for model, idx in parts:
-        outputs = pretrained.outputs(model, case.inputs[idx])
-        decisions = outputs.argmax(1)
+        probs = pretrained.outputs(model, case.inputs[idx])
+        decisions = probs.argmax(1)
         agree += float((decisions == reference[idx].argmax(1)).sum())
-        shift += float(pretrained.total_variation(outputs, reference[idx]).sum())
+        shift += float(pretrained.total_variation(probs, reference[idx]).sum())
         if case.labels is not None:
             correct += int((decisions == case.labels[idx]).sum())
     n = sum(len(idx) for _, idx in parts)
@@ -263,7 +263,7 @@ def measure(
     for key in ("macs_thop", "macs_ptflops", "params"):
         row[key] = round(sum(c[key] for c in costs) / len(costs))
         row[f"{key}_ratio"] = ratio(row[key], before[key])
-    row.update(_describe(plans[0]))
+    row.update(_describe(plans[0]))  # a cross-fitted row: the first fold's plan
     row["plan_s"], row["apply_s"] = round(times[0], 2), round(times[1], 2)
     return row
 
