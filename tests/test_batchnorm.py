@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from decomp.batchnorm import calibrate, has_batchnorm
+from decomp.batchnorm import (
+    MIN_CALIBRATION_IMAGES,
+    Calibration,
+    calibrate,
+    has_batchnorm,
+    recalibrate,
+)
 from tests.tiny_task import TinyNet, evaluate, fit, loaders, make_data, net, snapshot, states_equal
 
 
@@ -197,3 +203,19 @@ def test_calibrate_refuses_a_data_bundle_with_a_hint(trained: TinyNet) -> None:
 
     with pytest.raises(TypeError, match=r"got a DataBundle \(pass its train_loader\)$"):
         calibrate(copy.deepcopy(trained), DataBundle())
+
+
+def test_recalibrate_says_what_it_used_and_warns_on_few_images(
+    trained: TinyNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = copy.deepcopy(trained)
+    images = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING, logger="decomp"):
+        done = recalibrate(model, images, batches=30, batch_size=16)
+    assert done == Calibration(layers=2, batches=3, images=40)
+    assert "only 40 images are unsound" in caplog.text
+    caplog.clear()
+    many = torch.randn(MIN_CALIBRATION_IMAGES, 1, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="decomp"):
+        assert recalibrate(model, many, batches=30).images == MIN_CALIBRATION_IMAGES
+    assert "unsound" not in caplog.text
