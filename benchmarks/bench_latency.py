@@ -569,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         budget_s=args.budget_s,
         f1=args.f1,
+        alignment=args.alignment,
         f1_runtime=args.f1_runtime,
         f1_batch=args.f1_batch,
         baseline=args.baseline,
