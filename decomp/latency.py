@@ -76,7 +76,7 @@ in steps of 16 channels at batch 64."""
 POINTS = 6
 """Factorized ranks measured per layer geometry (besides the dense layer)."""
 LAYER_TIMING = {"rounds": 5, "block_s": 0.01, "max_s": 10.0}
-MODEL_TIMING = {"rounds": 7, "block_s": 0.05, "max_s": 30.0}
+MODEL_TIMING = {"rounds": 15, "block_s": 0.05, "max_s": 30.0}
 """Interleaved rounds, the least time one block of calls of one candidate takes, and about how
 long all rounds may take (fewer rounds, at least 3, for slow candidates)."""
 

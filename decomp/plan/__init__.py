@@ -194,9 +194,10 @@ def plan(
     return result
 
 
-LANDING = (0.86, 0.97)
+LANDING = (0.88, 0.96)
 """Where a latency-budgeted model's measured latency should land, as a share of the target:
-inside 0.85-1.0 with room for the few percent by which a second measurement differs."""
+inside 0.85-1.0 with room for the few percent by which a second measurement differs (on a
+loaded machine the median of 15 paired rounds moves by about 5%)."""
 LANDING_AIM = 0.92
 """Where a corrected budget aims, as a share of the target (inside :data:`LANDING`)."""
 LANDING_ROUNDS = 4
