@@ -150,11 +150,17 @@ def _check_records(saved: dict, events: list[tuple[str, int, int | None]]) -> No
 
 def test_recipes_give_the_demo_its_settings() -> None:
     quick, full = demo_config("quick"), demo_config("full")
-    assert (quick.epochs, quick.finetune_epochs, quick.augment) == (4, 1, False)
-    assert (full.epochs, full.finetune_epochs, full.augment) == (12, 2, True)
+    assert (quick.epochs, quick.augment, quick.rank, quick.finetune_epochs) == (
+        4,
+        False,
+        "vbmf:0.5",
+        2,
+    )
+    assert (full.epochs, full.augment, full.rank, full.finetune_epochs) == (12, True, "vbmf:0.6", 2)
     assert demo_config().recipe == DEFAULT_RECIPE == "quick"
-    mixed = demo_config("quick", epochs=6, augment=True, seed=3)
-    assert (mixed.epochs, mixed.finetune_epochs, mixed.augment, mixed.seed) == (6, 1, True, 3)
+    mixed = demo_config("quick", epochs=6, augment=True, rank=None, seed=3)
+    assert (mixed.epochs, mixed.augment, mixed.rank, mixed.seed) == (6, True, "vbmf:0.5", 3)
+    assert demo_config("full", rank="ratio:0.5").rank == "ratio:0.5"
     with pytest.raises(
         ValueError, match=r"unknown recipe 'fast'; expected one of \['full', 'quick'\]"
     ):
@@ -217,7 +223,7 @@ def test_demo_command_passes_the_recipe_and_shows_times_and_targets(monkeypatch,
     result = CliRunner().invoke(app, ["demo", "--recipe", "full", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     ((args, kwargs),) = calls
-    assert kwargs["recipe"] == "full" and args[1:3] == (None, None), "epochs: the recipe's"
+    assert kwargs["recipe"] == "full" and args[1:4] == (None, None, None), "the recipe's"
     assert "5.0 min in all (data 1 s, baseline 300 s)" in result.output
     assert "MACs at most half: NOT met" in result.output
     assert "baseline F1 at least 0.91: met" in result.output

@@ -45,7 +45,6 @@ from decomp.demo import (
     DEFAULT_RECIPE,
     DEMO_METHOD,
     DEMO_OUTPUT_DIR,
-    DEMO_RANK,
     RECIPES,
     run_demo,
 )
@@ -174,6 +173,15 @@ def evaluate_command(
     latency: Annotated[
         bool, typer.Option("--latency/--no-latency", help="Time batch 1 and 64 forwards.")
     ] = True,
+    compare_with: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare-with",
+            metavar="ORIGINAL",
+            help="The original model (a decomp file): report the speed-up over it, timed "
+            "paired (back to back, interleaved, median and spread).",
+        ),
+    ] = None,
     baseline_macs: Annotated[
         int, typer.Option("--baseline-macs", help="Competition score: the baseline's MACs.")
     ] = BASELINE_MACS,
@@ -198,6 +206,9 @@ def evaluate_command(
             data,
             size,
             latency=latency,
+            compare_with=None
+            if compare_with is None
+            else load_model(compare_with, None, None, trust_pickle),
             baseline_macs=baseline_macs,
             baseline_f1=baseline_f1,
             output=model_output,
@@ -267,7 +278,10 @@ def demo_command(
         ),
     ] = None,
     method: Annotated[Method, typer.Option("--method", "-m")] = _DEMO_METHOD,
-    rank: Annotated[str, typer.Option("--rank", metavar="SPEC")] = DEMO_RANK,
+    rank: Annotated[
+        str | None,
+        typer.Option("--rank", metavar="SPEC", help="Tucker-2 ranks (default: the recipe's)."),
+    ] = None,
     retrain: Annotated[
         bool, typer.Option("--retrain", help="Train the baseline again even if one is cached.")
     ] = False,
@@ -281,7 +295,8 @@ def demo_command(
     go to OUTPUT_DIR/results.json.
     """
     with command(True if not json_output else verbose):
-        parse_rank_spec(rank)
+        if rank is not None:
+            parse_rank_spec(rank)
         bars = None if json_output else _DemoBars()
         with bars.bars if bars is not None else contextlib.nullcontext():
             results: dict[str, Any] = run_demo(
