@@ -18,8 +18,8 @@ Any registered strategy is also reachable as ``name`` or ``name:param`` (so ``fi
 
 The floor. A spectrum alone cannot tell a trained layer whose weights happen to look like noise
 from noise, and where EVB's split fails its noise-model check, the checked rank is where the rest
-*stops looking different* from noise, weak evidence on few values: on a pretrained
-EfficientNet-Lite0 it gives 3 to 5 to some 16- and 24-channel 1x1 convs. So the vbmf strategies
+*stops looking different* from noise, weak evidence on few values: 5 of 16 for the 96x16 1x1
+conv of a pretrained EfficientNet-Lite0's second block. So the vbmf strategies
 never go below :func:`min_rank`: ``ceil(R_full / 8)`` (:data:`MIN_RANK_FRACTION`) where the split
 is noise-like, and at least :data:`MIN_RANK` = 8 (MUSCO's floor) where it is not, at most
 ``R_full``. A guard against degenerate bottlenecks, not a tuned optimum. ``ratio``, ``energy`` and
