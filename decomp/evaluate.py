@@ -87,12 +87,26 @@ def latency_rows(model: nn.Module, input_size: Sequence[int], repeats: int) -> d
     }
 
 
+def speedup_rows(
+    original: nn.Module, model: nn.Module, input_size: Sequence[int]
+) -> dict[str, Any]:
+    """``model``'s speed-up over ``original`` at every batch of :data:`LATENCY_BATCHES`, eager
+    PyTorch on the CPU, timed paired (:func:`decomp.latency.paired_latency`):
+    ``{"batch_1": {...}, "batch_64": {...}}``."""
+    from decomp.latency import paired_latency
+
+    return {
+        f"batch_{b}": paired_latency(original, model, input_size, batch=b) for b in LATENCY_BATCHES
+    }
+
+
 def evaluate(
     model: nn.Module,
     data: EvalData,
     input_size: Sequence[int] | None = None,
     *,
     latency: bool = True,
+    compare_with: nn.Module | None = None,
     device: str | torch.device | None = None,
     split: str | None = None,
     class_names: Sequence[str] | None = None,
@@ -113,6 +127,8 @@ def evaluate(
             of ``(images, labels)``.
         input_size: ``(C, H, W)``; default: the bundle's, else the model's saved metadata.
         latency: time forward passes at batch 1 and 64 on the CPU (and CUDA when available).
+        compare_with: the original model: with ``latency``, ``model``'s speed-up over it is
+            timed paired (see :func:`speedup_rows`).
         device: where to predict; default the model's device (a copy is moved if it differs).
         split: ``"test"``, ``"val"`` or ``"train"`` of a bundle.
         class_names: names for the per-class report; default the bundle's or the metadata's.
@@ -126,7 +142,8 @@ def evaluate(
         ``f1``, ``accuracy``, ``per_class_f1``, ``confusion_matrix``, ``num_samples``, ``split``,
         ``macs`` (thop), ``macs_competition`` (ptflops, the organizers' counter), ``params``,
         ``competition_score`` (from ``macs_competition``), ``score_constants``, ``latency``
-        (see :func:`latency_rows`, or None), ``input_size``, ``device`` and ``seconds``.
+        (see :func:`latency_rows`, or None), ``speedup`` (see :func:`speedup_rows`, or None),
+        ``input_size``, ``device`` and ``seconds``.
     """
     start = time.perf_counter()
     loader, split, names, size = resolve_eval_source(model, data, input_size, split, class_names)
@@ -147,6 +164,9 @@ def evaluate(
         ),
         "score_constants": {"baseline_macs": baseline_macs, "baseline_f1": baseline_f1},
         "latency": latency_rows(model, size, latency_repeats) if latency else None,
+        "speedup": speedup_rows(compare_with, model, size)
+        if latency and compare_with is not None
+        else None,
         "input_size": list(size),
         "device": str(where),
     }

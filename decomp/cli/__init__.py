@@ -1,5 +1,5 @@
-"""Command line: ``decomp decompose | inspect | export | train | finetune | evaluate | demo`` and
-the standalone ``decompose``.
+"""Command line: ``decomp decompose | inspect | export | profile | train | finetune | evaluate
+| demo`` and the standalone ``decompose``.
 
 Thin: every command parses its options, calls one library function (:mod:`decomp.recipes`,
 :mod:`decomp.evaluate`, :mod:`decomp.export`, :mod:`decomp.demo`) and renders the result with
@@ -21,6 +21,7 @@ import typer
 
 from decomp.cli.common import out
 from decomp.cli.compress import decompose_command, export_command, inspect_command
+from decomp.cli.latency import profile_command
 from decomp.cli.training import demo_command, evaluate_command, finetune_command, train_command
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -57,6 +58,7 @@ def _root(
 app.command("decompose", no_args_is_help=True)(decompose_command)
 app.command("inspect", no_args_is_help=True)(inspect_command)
 app.command("export", no_args_is_help=True)(export_command)
+app.command("profile", no_args_is_help=True)(profile_command)
 app.command("train")(train_command)
 app.command("finetune", no_args_is_help=True)(finetune_command)
 app.command("evaluate", no_args_is_help=True)(evaluate_command)

@@ -34,6 +34,7 @@ from decomp.cli.common import (
     say,
     status,
 )
+from decomp.cli.latency import BatchOpt, Runtime, RuntimeOpt, TableOpt, table_path
 from decomp.cli.render import inspect_table, methods_table, num, plan_table, size_text, totals_line
 from decomp.export import export
 from decomp.plan import Plan
@@ -205,6 +206,19 @@ def decompose_command(
             "(5M, 5000000). Ranks are allocated across layers; --rank is not used.",
         ),
     ] = None,
+    target_latency: Annotated[
+        str | None,
+        typer.Option(
+            "--target-latency",
+            metavar="X",
+            help="A latency budget: a fraction of the measured latency (0.5) or a time (3ms), "
+            "on --runtime at --batch. Layers are timed once (see decomp profile) and the "
+            "result is checked by timing it paired with the original.",
+        ),
+    ] = None,
+    runtime: RuntimeOpt = Runtime.torch,
+    batch: BatchOpt = 1,
+    latency_table: TableOpt = None,
     weigh_layers: Annotated[
         bool,
         typer.Option(
@@ -232,7 +246,12 @@ def decompose_command(
         fixed = None
         if plan_file is not None:
             _check_plan_conflicts(
-                method=method, rank=rank, exclude=exclude, force=force, target_macs=target_macs
+                method=method,
+                rank=rank,
+                exclude=exclude,
+                force=force,
+                target_macs=target_macs,
+                target_latency=target_latency,
             )
             fixed = _read_plan_file(plan_file)
         else:
@@ -260,6 +279,7 @@ def decompose_command(
                     exclude=exclude or [],
                     force=force,
                     target_macs=target_macs,
+                    latency=_latency_options(target_latency, runtime, batch, latency_table),
                     plan=fixed,
                     data=data,
                     weigh_layers=weigh_layers,
@@ -273,6 +293,21 @@ def decompose_command(
                 size or fixed.input_size,
             )
         _show_result(result, json_output, dry_run, bool(data and calibrate_batches))
+
+
+def _latency_options(
+    target: str | None, runtime: Runtime, batch: int, table: Path | None
+) -> dict[str, Any] | None:
+    """decompose's latency options as :func:`decomp.plan` keywords (None without a target)."""
+    if target is None:
+        return None
+    path = table_path(table, runtime.value, "cpu", batch, None)
+    return {
+        "target_latency": target,
+        "runtime": runtime.value,
+        "batch": batch,
+        "latency_table": path,
+    }
 
 
 # ------------------------------------------------------------------------------ inspect

@@ -162,6 +162,14 @@ def evaluation_table(metrics: Mapping[str, Any], title: str = "evaluation") -> T
     for device in metrics.get("latency") or {}:
         for batch in LATENCY_BATCHES:
             rows.append((f"latency {device} batch {batch} (ms)", _ms(metrics, device, batch)))
+    for batch, paired in (metrics.get("speedup") or {}).items():
+        low, high = paired["speedup_iqr"]
+        rows.append(
+            (
+                f"speed-up vs original, cpu {batch.replace('_', ' ')} (paired)",
+                f"{paired['speedup']:.2f}x (IQR {low:.2f}-{high:.2f})",
+            )
+        )
     rows += [(f"F1 {name}", f"{f1:.4f}") for name, f1 in metrics["per_class_f1"].items()]
     for name, value in rows:
         table.add_row(name, value)

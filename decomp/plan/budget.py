@@ -280,6 +280,12 @@ class LatencyModel:
 
 def floor_message(budget_ms: float, floor_ms: float, baseline_ms: float) -> str:
     """The error for a latency target below what the layers can reach."""
+    if floor_ms >= baseline_ms * 0.999:
+        return (
+            f"target latency {budget_ms:.4g} ms is below the measured {baseline_ms:.4g} ms, and "
+            "no eligible layer runs faster factorized at any measured rank on this runtime and "
+            "batch (see decomp profile): the floor is the model as it is"
+        )
     return (
         f"target latency {budget_ms:.4g} ms ({budget_ms / baseline_ms:.3f} of the measured "
         f"{baseline_ms:.4g} ms) is below the floor of {floor_ms:.4g} ms "

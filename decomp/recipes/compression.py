@@ -10,13 +10,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
-from decomp._utils import PathLike
+from decomp._utils import PathLike, plain
 from decomp.batchnorm import calibrate, has_batchnorm
 from decomp.checkpoint import load, model_arch, model_meta, recorded_input_size, save
 from decomp.data import DataBundle, load_data
@@ -115,6 +115,7 @@ def compress(
     exclude: Sequence[str] = (),
     force: bool = False,
     target_macs: float | int | str | None = None,
+    latency: Mapping[str, Any] | None = None,
     plan: Plan | None = None,
     data: str | DataBundle | Iterable | None = None,
     weigh_layers: bool = False,
@@ -137,6 +138,9 @@ def compress(
         output: the decomp file to write; may be None with ``dry_run``.
         method, rank, exclude, force, target_macs: as in :func:`decomp.plan`; not used with
             ``plan``.
+        latency: a latency budget instead, as :func:`decomp.plan` keywords (``target_latency``,
+            ``runtime``, ``batch``, ``device``, ``threads``, ``latency_table``); the plan's
+            latency record (measured landing) goes into the file's extra.
         input_size: ``(C, H, W)``; default: ``plan``'s, else what the model's file records.
         plan: a saved (possibly hand-edited) plan to apply instead of planning.
         data: a data spec, bundle or loader: batch norm is re-estimated on its training batches,
@@ -186,6 +190,7 @@ def compress(
                 target_macs,
                 weigh,
                 weigh_layers=weigh_layers,
+                **dict(latency or {}),
             )
         macs_before = p.model_macs
     if on_plan is not None:
@@ -207,6 +212,7 @@ def compress(
             calibrated = True
     extra = {
         "decompose": {"method": p.method, "rank": p.rank, "input_size": size},
+        **({"latency": plain(p.latency)} if getattr(p, "latency", None) else {}),
         "bn_calibrated": calibrated,
     }
     save(compressed, output, input_size=size, source=source, extra=extra)
