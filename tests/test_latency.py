@@ -20,10 +20,12 @@ def key(runtime: str = "torch", batch: int = 1) -> Key:
     return Key.current(runtime, "cpu", batch, 1)
 
 
-def hand_table(model: nn.Module, slow: str | None = None, baseline: float = 10.0) -> LatencyTable:
+def hand_table(
+    model: nn.Module, slow: str | None = None, baseline: float = 10.0, threads: int | None = 1
+) -> LatencyTable:
     """A table made up by hand: every layer 1 ms dense; factorized, 0.2 ms at the lowest
     measured ranks rising to 1.5 ms at full rank, except ``slow`` (2 ms at every rank)."""
-    table = LatencyTable(key())
+    table = LatencyTable(Key.current("torch", "cpu", 1, threads))
     for c, calls in candidate_calls(model, "auto", SIZE):
         grid = latency.snapped_grid(c.method.grid(c.layer, GRID), latency.ALIGN["torch"])
         ranks = latency.measured_ranks(grid)
@@ -301,3 +303,43 @@ def test_bench_latency_renders_its_rows():
     assert "| resnet18 | onnxruntime | 1 | 0.5 | 0.930 | 2.10x | 2.00-2.20 |" in text
     assert "below the floor of 150 ms" in text and "Rank alignment" in text
     assert "test F1 0.9100" in text
+
+
+def test_cli_profile_then_decompose_with_a_latency_target(tmp_path):
+    from typer.testing import CliRunner
+
+    from decomp.cli import app
+
+    model = tiny_net(width=16).eval()
+    path = tmp_path / "tiny.pt"
+    decomp.save(
+        model,
+        path,
+        arch={"factory": "tests.conftest:tiny_net", "kwargs": {"width": 16}},
+        input_size=SIZE,
+    )
+    table = tmp_path / "table.json"
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["profile", str(path), "--threads", "1", "--latency-table", str(table), "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    assert table.exists() and '"layers"' in done.output
+    # every layer faster factorized, for the threads decompose times with by default
+    hand = hand_table(model, threads=None)
+    hand.save(table)
+    done = runner.invoke(
+        app,
+        [
+            "decompose",
+            str(path),
+            "--method",
+            "auto",
+            "--target-latency",
+            "0.01",
+            "--latency-table",
+            str(table),
+            "--dry-run",
+        ],
+    )
+    assert done.exit_code == 1 and "below the floor" in done.output
