@@ -34,7 +34,7 @@ from decomp.plan.model import PLAN_FORMAT, LayerPlan, Plan, Skip
 from decomp.plan.policy import select_ranks
 from decomp.plan.statistics import FIT_BATCHES
 from decomp.plan.trace import trace_calls
-from rank_selection import MIN_RANK_FRACTION, RankSpec, parse_rank_spec
+from rank_selection import MIN_RANK, MIN_RANK_FRACTION, RankSpec, parse_rank_spec
 
 __all__ = [
     "PLAN_FORMAT",
@@ -298,8 +298,9 @@ def _notes(result: Plan, spec: RankSpec | None) -> list[str]:
     notes = []
     if spec is not None and spec.name == "vbmf":
         notes.append(
-            f"{spec} ranks are at least min_rank = ceil({MIN_RANK_FRACTION} x each mode's size) "
-            "(rank_selection.min_rank); a rank of 0 still means the weights look like noise"
+            f"{spec} ranks are at least rank_selection.min_rank: {MIN_RANK_FRACTION} of each "
+            f"mode's size, and {MIN_RANK} where what EVBMF discards does not look like noise; a "
+            "rank of 0 still means the weights look like noise"
         )
     if result.fit == "outputs":
         fitted = sum(lp.fit == "outputs" for lp in result.decomposed)
