@@ -298,7 +298,7 @@ class _LoadSampler:
             "start": self.start,
             "latest": _load_average(),
             "interval_s": self.interval,
-            "samples_1min": [list(sample) for sample in self.samples],
+            "samples_1min": list(self.samples),
             "mean_1min": round(sum(ones) / len(ones), 2) if ones else None,
             "max_1min": max(ones) if ones else None,
         }

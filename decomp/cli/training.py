@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -223,7 +222,7 @@ class _DemoBars:
     """The demo's stages as rich progress bars on stderr (on a terminal): one bar per stage as
     it starts, with its elapsed time and the time left at its current pace."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown: bool) -> None:
         self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -232,7 +231,7 @@ class _DemoBars:
             TextColumn("left"),
             TimeRemainingColumn(),
             console=err,
-            disable=not err.is_terminal,
+            disable=not (shown and err.is_terminal),
         )
         self.tasks: dict[str, TaskID] = {}
 
@@ -297,8 +296,8 @@ def demo_command(
     with command(True if not json_output else verbose):
         if rank is not None:
             parse_rank_spec(rank)
-        bars = None if json_output else _DemoBars()
-        with bars.bars if bars is not None else contextlib.nullcontext():
+        bars = _DemoBars(shown=not json_output)
+        with bars.bars:
             results: dict[str, Any] = run_demo(
                 output_dir,
                 epochs,
