@@ -37,7 +37,7 @@ from decomp.cli.common import (
 from decomp.cli.latency import BatchOpt, Runtime, RuntimeOpt, TableOpt, table_path
 from decomp.cli.render import inspect_table, methods_table, num, plan_table, size_text, totals_line
 from decomp.export import export
-from decomp.plan import Plan
+from decomp.plan import Plan, method_choices
 from decomp.recipes import (
     CALIBRATION_BATCHES,
     DEFAULT_METHOD,
@@ -47,8 +47,6 @@ from decomp.recipes import (
     inspect_model,
 )
 from rank_selection import parse_rank_spec
-
-INSPECT_METHODS = ("tucker", "cp", "svd", "auto")
 
 
 class ExportFormat(StrEnum):
@@ -331,7 +329,7 @@ def inspect_command(
         net = load_model(model, arch, arch_kwargs, trust_pickle)
         size = input_size_of(size, net, model)
         report = forward_hint(
-            lambda: inspect_model(net, size, spec, INSPECT_METHODS, stage=status), size
+            lambda: inspect_model(net, size, spec, method_choices(), stage=status), size
         )
         plans = report.pop("plans")
         summary = {"model": str(model), **report}

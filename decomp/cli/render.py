@@ -70,26 +70,10 @@ def totals_line(macs: tuple[int, int], params: tuple[int, int], decomposed: int,
 
 # --------------------------------------------------------------------------------- inspect
 
-_SHORT_REASONS = {
-    "would not cut MACs": "no MAC saving",
-    "gives rank 0": "rank 0",
-    "already factorized": "factorized",
-    "excluded by": "excluded",
-    "not called": "not called",
-}
-
-
-def _short_reason(reason: str) -> str:
-    """A few words for a table cell: '1x1 conv', 'linear layer', 'no MAC saving', ..."""
-    for key, short in _SHORT_REASONS.items():
-        if key in reason:
-            return short
-    return reason.split(";")[0].split(":")[0]
-
 
 def _cell(lp: LayerPlan) -> Text:
     if not lp.method:
-        return Text(_short_reason(lp.reason), style="dim")
+        return Text(lp.short_reason, style="dim")
     change = 100 * (lp.macs_after - lp.macs_before) / max(lp.macs_before, 1)
     return Text(f"{'/'.join(map(str, lp.ranks))} {change:+.0f}%")
 

@@ -21,7 +21,7 @@ from decomp.batchnorm import calibrate, has_batchnorm
 from decomp.checkpoint import load, model_arch, model_meta, recorded_input_size, save
 from decomp.data import DataBundle, load_data
 from decomp.metrics import count_macs, count_macs_competition, count_params
-from decomp.plan import Plan, applied_plans, apply, recount
+from decomp.plan import Plan, applied_plans, apply, method_choices, recount
 from decomp.plan import plan as make_plan
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def inspect_model(
     model: nn.Module,
     input_size: Sequence[int],
     rank: str = DEFAULT_RANK,
-    methods: Sequence[str] = ("tucker", "cp", "svd", "auto"),
+    methods: Sequence[str] | None = None,
     stage: Stage = _no_stage,
 ) -> dict[str, Any]:
     """What every method would do to each layer of ``model``, and the model's costs.
@@ -248,6 +248,7 @@ def inspect_model(
         file the model was loaded from (None otherwise).
     """
     size = list(input_size)
+    methods = method_choices() if methods is None else list(methods)
     with stage("planning"):
         plans = {m: make_plan(model, m, rank, size) for m in methods}
     first = plans[methods[0]]
