@@ -212,6 +212,8 @@ def fashion_mnist_datasets(
     val_split: float | int | None = None,
     seed: int = 0,
     train_subset: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
     """Fashion-MNIST as (train, validation hold-out of train, official test) datasets.
 
@@ -221,6 +223,7 @@ def fashion_mnist_datasets(
         val_split: Hold-out of the train set, a fraction or a count (default 5,000).
         seed: Seed of the hold-out and of ``train_subset``.
         train_subset: Keep at most this many training images (stratified).
+        mean, std: Per-channel normalization; default Fashion-MNIST's own (:func:`norm_stats`).
 
     Returns:
         ``(train, val, test)``, items float ``(C, H, W)``.
@@ -234,7 +237,8 @@ def fashion_mnist_datasets(
     train_idx = stratified_subset(train_idx, labels, train_subset, seed)
     images = fit_images(images[:, None], size)
     test_images = fit_images(test_images[:, None], size)
-    mean, std = norm_stats(channels)
+    own = norm_stats(channels)
+    mean, std = mean or own[0], std or own[1]
 
     def make(x: torch.Tensor, y: torch.Tensor, augment: bool) -> TensorImageDataset:
         return TensorImageDataset(x.contiguous(), y, channels, mean, std, augment)
@@ -245,6 +249,20 @@ def fashion_mnist_datasets(
         make(images[val_t], labels[val_t], False),
         make(test_images, test_labels, False),
     )
+
+
+def calibration_dataset(
+    folder: str | os.PathLike[str],
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+) -> TensorImageDataset:
+    """The 60k training images in a seeded order, not augmented: calibration data."""
+    images, labels = read_fashion_mnist(folder, "train")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
+    fitted = fit_images(images[order, None], (input_size[1], input_size[2]))
+    return TensorImageDataset(fitted.contiguous(), labels[order], input_size[0], mean, std)
 
 
 def norm_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -2,8 +2,10 @@
 
 Layouts: ``root/train/<class>/*`` and ``root/val/<class>/*`` (plus an optional
 ``root/test/<class>/*``), or one root of class folders (or a ``train/`` alone) split into train and
-validation by ``val_split``, stratified and seeded. Images of any size and mode are resized to the
-model's (H, W) and converted to its channels, through per-item ``torchvision.transforms.v2``.
+validation by ``val_split``, stratified and seeded. Images of any size and mode are converted to
+the model's channels and brought to its (H, W) as a
+:class:`~decomp.data.preprocessing.Preprocessing` says (squashed, or resized and centre-cropped),
+through per-item ``torchvision.transforms.v2``.
 
 Unreadable images: every file is checked once, up front, with ``PIL.Image.open`` and
 ``Image.verify()`` (reads headers and, for PNG, checksums; cheap), so a corrupt file is excluded
@@ -25,13 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from decomp.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from decomp.data.splits import stratified_split, stratified_subset
 from decomp.data.transforms import shift_pad
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -111,18 +112,40 @@ def scan_image_folder(
     return samples, names, skipped
 
 
+class CoverResize:
+    """Resize an image, keeping its aspect ratio, to cover ``size`` / ``fraction``: the first
+    step of a centre crop (``fraction`` of the resized image is kept)."""
+
+    def __init__(self, size: tuple[int, int], fraction: float) -> None:
+        self.size, self.fraction = size, fraction
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional
+
+        height, width = image.shape[-2:]
+        scale = max(self.size[0] / height, self.size[1] / width) / self.fraction
+        shape = [max(round(height * scale), self.size[0]), max(round(width * scale), self.size[1])]
+        return functional.resize(image, shape, antialias=True)
+
+
 def image_transform(
-    input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], train: bool
+    input_size: Sequence[int], preprocessing: Preprocessing, train: bool
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The ``transforms.v2`` pipeline for a PIL image: resize to (H, W), [flip, shift], scale,
-    normalize."""
+    """The ``transforms.v2`` pipeline for a PIL image: squash to (H, W), or resize and take the
+    centre (H, W); [flip, shift]; scale to [0, 1]; normalize. ``preprocessing`` holds one mean
+    and std per channel (:meth:`Preprocessing.for_channels`)."""
     from torchvision.transforms import v2
 
     size = (int(input_size[1]), int(input_size[2]))
-    ops: list[Any] = [v2.ToImage(), v2.Resize(size, antialias=True)]
+    ops: list[Any] = [v2.ToImage()]
+    if preprocessing.resize == "crop":
+        ops += [CoverResize(size, preprocessing.crop_fraction), v2.CenterCrop(size)]
+    else:
+        ops += [v2.Resize(size, antialias=True)]
     if train:
         ops += [v2.RandomHorizontalFlip(), v2.RandomCrop(size, padding=shift_pad(size))]
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    mean, std = list(preprocessing.mean or ()), list(preprocessing.std or ())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
@@ -190,6 +213,14 @@ def _folder_split(
     )
 
 
+def _train_root(root: Path) -> Path:
+    """``root/train`` when there is one, else ``root`` (a folder of class folders)."""
+    has_train = (root / "train").is_dir()
+    if (root / "val").is_dir() and not has_train:
+        raise ValueError(f"{root} has a val/ folder but no train/ folder beside it")
+    return root / "train" if has_train else root
+
+
 def image_folder_datasets(
     root: str | os.PathLike[str],
     input_size: Sequence[int] = (3, 32, 32),
@@ -197,6 +228,7 @@ def image_folder_datasets(
     seed: int = 0,
     train_subset: int | None = None,
     verify: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[ImageFileDataset, ImageFileDataset, ImageFileDataset | None, list[str]]:
     """An ImageFolder directory as (train, val, test or None) datasets.
 
@@ -210,17 +242,15 @@ def image_folder_datasets(
         seed: Seed of the split and of ``train_subset``.
         train_subset: Keep at most this many training images (stratified).
         verify: Check files up front and exclude unreadable ones.
+        preprocessing: Normalization and resizing; default ImageNet's statistics, squashed.
 
     Returns:
         ``(train, val, test, skipped_files)``.
     """
     root = Path(root)
     channels = input_size[0]
-    mean, std = norm_stats(channels)
-    has_train = (root / "train").is_dir()
-    if (root / "val").is_dir() and not has_train:
-        raise ValueError(f"{root} has a val/ folder but no train/ folder beside it")
-    train_root = root / "train" if has_train else root
+    prep = (preprocessing or Preprocessing()).for_channels(channels, norm_stats(channels))
+    train_root = _train_root(root)
     full = _folder_split(train_root, channels, None, verify)
     skipped = list(full.skipped_files)
     if (root / "val").is_dir() and train_root != root:
@@ -238,20 +268,42 @@ def image_folder_datasets(
         val = full
         train_idx, val_idx = stratified_split(full.targets, val_split, seed)
     train_idx = stratified_subset(train_idx, full.targets, train_subset, seed)
+    eval_tf = image_transform(input_size, prep, False)
     test = None
     if (root / "test").is_dir() and train_root != root:
         test_raw = _folder_split(root / "test", channels, full.class_names, verify)
         skipped += test_raw.skipped_files
-        test = _with_transform(
-            test_raw, image_transform(input_size, mean, std, False), range(len(test_raw))
-        )
-    eval_tf = image_transform(input_size, mean, std, False)
+        test = _with_transform(test_raw, eval_tf, range(len(test_raw)))
     return (
-        _with_transform(full, image_transform(input_size, mean, std, True), train_idx),
+        _with_transform(full, image_transform(input_size, prep, True), train_idx),
         _with_transform(val, eval_tf, val_idx),
         test,
         skipped,
     )
+
+
+def calibration_dataset(
+    root: str | os.PathLike[str],
+    input_size: Sequence[int],
+    preprocessing: Preprocessing | None = None,
+    seed: int = 0,
+    verify: bool = True,
+) -> ImageFileDataset:
+    """The training images of an ImageFolder (``root/train``, else every image of ``root``'s
+    class folders) in a seeded order, with the evaluation transform; no validation split.
+
+    Args:
+        root: The directory.
+        input_size: ``(C, H, W)`` of the model input.
+        preprocessing: Normalization and resizing; default ImageNet's statistics, squashed.
+        seed: Seed of the order.
+        verify: Check files up front and exclude unreadable ones.
+    """
+    channels = input_size[0]
+    prep = (preprocessing or Preprocessing()).for_channels(channels, norm_stats(channels))
+    full = _folder_split(_train_root(Path(root)), channels, None, verify)
+    order = np.random.default_rng(seed).permutation(len(full))
+    return _with_transform(full, image_transform(input_size, prep, False), order)
 
 
 def norm_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from decomp.data import load_data
+from decomp.data import Preprocessing, calibration_data, load_data
 from decomp.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -126,6 +126,19 @@ def test_fashion_eval_items_are_padded_and_normalized(fashion_dir):
     assert torch.allclose(x[0, :2], torch.full((2, 32), zero))
     assert torch.allclose(x[0, :, 30:], torch.full((32, 2), zero))
     assert torch.equal(bundle.test_loader.dataset.__getitems__([3])[0][0], x)
+
+
+def test_fashion_keeps_its_statistics_unless_told_and_calibrates_on_train(fashion_dir):
+    folder, arrays = fashion_dir
+    spec = f"fashion-mnist:{folder}"
+    own = load_data(spec, (3, 32, 32), val_split=10, workers=0)
+    assert own.mean == FASHION_MNIST_MEAN * 3 and own.preprocessing.std == FASHION_MNIST_STD * 3
+    unit = Preprocessing(mean=(0.0,), std=(1.0,))
+    data = calibration_data(spec, (1, 28, 28), unit, batch_size=16, workers=0)
+    assert data.images == 40 and len(data.loader) == 3 and data.preprocessing.mean == (0.0,)
+    x = torch.cat([b[0] for b in data.loader])
+    raw = torch.from_numpy(arrays["train"][0]).float()[:, None] / 255
+    assert not torch.equal(x, raw) and torch.equal(x.sort(0).values, raw.sort(0).values)
 
 
 def test_fashion_smaller_input_is_resized(fashion_dir):
