@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from decomp.checkpoint import load, model_meta, save
-from decomp.data import load_data
+from decomp.data import Preprocessing, load_data, recorded_preprocessing
 from decomp.evaluate import val_f1
 from decomp.metrics import count_macs
 from decomp.recipes import (
@@ -16,6 +16,7 @@ from decomp.recipes import (
     finetune,
     inspect_model,
     train_baseline,
+    training,
 )
 from tests.conftest import DIGIT_CLASSES, tiny_net
 
@@ -101,3 +102,41 @@ def test_inspect_model_plans_every_method():
     report = inspect_model(model, SIZE, "ratio:0.5", methods=("tucker", "svd"))
     assert set(report["plans"]) == {"tucker", "svd"} and report["kind"] is None
     assert report["macs"] == count_macs(model, SIZE) and report["macs_competition"] > 0
+
+
+def test_compress_on_a_folder_without_val_records_what_it_used(digits, tmp_path, monkeypatch):
+    src = tmp_path / "model.pt"
+    save(tiny_net(in_channels=1, num_classes=CLASSES), src, arch=TINY_ARCH, input_size=SIZE)
+    prep = Preprocessing(mean=(0.5,), std=(0.5,), resize="crop")
+    out = tmp_path / "small.pt"
+    flat = digits / "val"  # class folders only: 40 images, no val/ of its own
+    result = compress(src, out, rank="ratio:0.5", data=str(flat), preprocessing=prep)
+    assert result.calibration == {"layers": 2, "batches": 1, "images": 40, "batches_asked": 30}
+    assert result.plan.fit == "outputs" and result.plan.fit_images == 40
+    record = result.to_dict()
+    assert (
+        record["calibration"] == result.calibration and record["preprocessing"]["resize"] == "crop"
+    )
+    extra = model_meta(load(out))["extra"]
+    assert extra["bn_calibrated"] and extra["calibration"]["images"] == 40
+    assert recorded_preprocessing(load(out)) == prep
+    weights = compress(src, None, rank="ratio:0.5", data=str(flat), fit="weights", dry_run=True)
+    assert weights.plan.fit == "weights"
+    seen = []
+    monkeypatch.setattr(training, "load_data", lambda *a, **k: seen.append(k) or load_data(*a, **k))
+    tuned = tmp_path / "tuned.pt"
+    finetune(out, str(digits), epochs=0, output=tuned, workers=0, evaluate_test=False)
+    assert seen[0]["preprocessing"] == prep  # a later command reads data the same way
+    assert recorded_preprocessing(load(tuned)) == prep
+    with pytest.raises(FileNotFoundError, match="neither 'fashion-mnist"):
+        compress(src, tmp_path / "x.pt", data=str(tmp_path / "absent"))
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_baseline_settings_hold_the_preprocessing_only_when_not_the_default():
+    args = ("tests.conftest:tiny_net", None, "data", SIZE, 1, 32, 0.1, 0, None, None)
+    key = baseline_config(*args)
+    assert "preprocessing" not in key  # baselines cached before it was recorded stay valid
+    assert baseline_config(*args, preprocessing=Preprocessing()) == key
+    crop = baseline_config(*args, preprocessing=Preprocessing(resize="crop"))
+    assert crop["preprocessing"]["resize"] == "crop"

@@ -15,7 +15,6 @@ from decomp.arch import describe_arch
 from decomp.cli.common import (
     ArchKwargsOpt,
     ArchOpt,
-    DataOpt,
     InputSizeOpt,
     JsonOpt,
     Method,
@@ -36,8 +35,9 @@ from decomp.cli.common import (
 )
 from decomp.cli.latency import BatchOpt, Runtime, RuntimeOpt, TableOpt, table_path
 from decomp.cli.render import inspect_table, methods_table, num, plan_table, size_text, totals_line
+from decomp.cli.training import MeanOpt, NormalizeOpt, ResizeOpt, StdOpt, preprocessing_options
 from decomp.export import export
-from decomp.plan import Plan, method_choices
+from decomp.plan import FITS, Plan, method_choices
 from decomp.recipes import (
     CALIBRATION_BATCHES,
     DEFAULT_METHOD,
@@ -52,6 +52,9 @@ from rank_selection import parse_rank_spec
 class ExportFormat(StrEnum):
     onnx = "onnx"
     torchscript = "torchscript"
+
+
+Fit = StrEnum("Fit", {name: name for name in FITS})
 
 
 # ---------------------------------------------------------------------------- decompose
@@ -106,9 +109,17 @@ class _Shown:
             self.stack.close()
 
 
-def _show_result(
-    result: CompressResult, json_output: bool, dry_run: bool, calibrating: bool
-) -> None:
+def _calibration_line(done: dict[str, int]) -> str:
+    """'re-estimated 3 batch-norm layers on 29 images (1 batch of 30 asked for)'."""
+    if not done["layers"]:
+        return "no batch-norm layers: nothing to calibrate"
+    batches, asked = done["batches"], done["batches_asked"]
+    used = f"{batches} batch{'es' if batches != 1 else ''}"
+    used += f" of {asked} asked for" if batches < asked else ""
+    return f"re-estimated {done['layers']} batch-norm layers on {done['images']} images ({used})"
+
+
+def _show_result(result: CompressResult, json_output: bool, dry_run: bool) -> None:
     p = result.plan
     if dry_run and json_output:
         print_json(p.to_dict())
@@ -130,8 +141,8 @@ def _show_result(
     elif json_output:
         print_json(result.to_dict())
     else:
-        if calibrating and not result.bn_calibrated:
-            say("no batch-norm layers: nothing to calibrate")
+        if result.calibration is not None:
+            say(_calibration_line(result.calibration))
         macs = (result.macs_before or 0, result.macs_after or 0)
         params = (result.params_before or 0, result.params_after or 0)
         say(totals_line(macs, params, len(p.decomposed), len(p.layers)))
@@ -226,7 +237,30 @@ def decompose_command(
             "it compares).",
         ),
     ] = False,
-    data: DataOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            metavar="DATA",
+            help="Calibration data: fashion-mnist, fashion-mnist:DIR, or an ImageFolder "
+            "directory (its train/ images, or all images of its class folders; no val/ "
+            "needed). The layers are fitted to their outputs on it (see --fit) and batch norm "
+            "is re-estimated on the same batches, read as --normalize and --resize say.",
+        ),
+    ] = None,
+    fit: Annotated[
+        Fit | None,
+        typer.Option(
+            "--fit",
+            help="With --data: fit each layer's outputs on the data (outputs, the default) or "
+            "its weights alone (weights, the default without --data).",
+            show_default=False,
+        ),
+    ] = None,
+    normalize: NormalizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
     calibrate_batches: Annotated[
         int,
         typer.Option(
@@ -250,12 +284,14 @@ def decompose_command(
                 force=force,
                 target_macs=target_macs,
                 target_latency=target_latency,
+                fit=fit,
             )
             fixed = _read_plan_file(plan_file)
         else:
             parse_rank_spec(rank or DEFAULT_RANK)
         if weigh_layers and not (target_macs and data):
             raise ValueError("--weigh-layers needs --target-macs and --data")
+        _check_data_options(data, fit, normalize, mean, std, resize)
         checkpoint.check_input_path(model)
         name = fixed.method if fixed else (method.value if method else DEFAULT_METHOD)
         target = None
@@ -265,6 +301,7 @@ def decompose_command(
         net = load_model(model, arch, arch_kwargs, trust_pickle)
         if fixed is None:
             size = input_size_of(size, net, model)
+        prep = preprocessing_options(net, normalize, mean, std, resize)
         shown = _Shown(json_output, dry_run)
         with shown.stack:
             result = forward_hint(
@@ -280,6 +317,8 @@ def decompose_command(
                     latency=_latency_options(target_latency, runtime, batch, latency_table),
                     plan=fixed,
                     data=data,
+                    fit=None if fit is None else fit.value,
+                    preprocessing=prep,
                     weigh_layers=weigh_layers,
                     calibrate_batches=calibrate_batches,
                     dry_run=dry_run,
@@ -290,7 +329,19 @@ def decompose_command(
                 ),
                 size or fixed.input_size,
             )
-        _show_result(result, json_output, dry_run, bool(data and calibrate_batches))
+        _show_result(result, json_output, dry_run)
+
+
+def _check_data_options(data: str | None, fit: Fit | None, *read: object) -> None:
+    """Options that need --data fail without it, before any work."""
+    if data:
+        return
+    if fit is Fit.outputs:
+        raise ValueError("--fit outputs fits the layers' outputs on calibration data; pass --data")
+    if any(option is not None for option in read):
+        raise ValueError(
+            "--normalize, --mean, --std and --resize say how --data is read; pass --data"
+        )
 
 
 def _latency_options(

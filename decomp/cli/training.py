@@ -1,4 +1,5 @@
-"""The commands that train or measure: ``train``, ``finetune``, ``evaluate`` and ``demo``."""
+"""The commands that train or measure: ``train``, ``finetune``, ``evaluate`` and ``demo``; the
+options that say how data is read (preprocessing, validation split), shared with ``decompose``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch import nn
 
 from decomp import checkpoint
 from decomp._utils import parse_input_size
@@ -40,6 +42,13 @@ from decomp.cli.common import (
     say,
 )
 from decomp.cli.render import demo_table, evaluation_table
+from decomp.data import (
+    NORMALIZATIONS,
+    Preprocessing,
+    load_data,
+    parse_preprocessing,
+    recorded_preprocessing,
+)
 from decomp.demo import (
     DEFAULT_RECIPE,
     DEMO_METHOD,
@@ -68,6 +77,69 @@ _INPUT_SIZE_TEXT = ",".join(map(str, DEFAULT_INPUT_SIZE))
 _DEMO_METHOD = Method(DEMO_METHOD)
 Recipe = StrEnum("Recipe", {name: name for name in RECIPES})
 _DEFAULT_RECIPE = Recipe(DEFAULT_RECIPE)
+Normalize = StrEnum("Normalize", {name: name for name in NORMALIZATIONS})
+
+# ----------------------------------------------------------------------- data options
+
+_RECORDED = "Default: what the model's file records, else"
+NormalizeOpt = Annotated[
+    Normalize | None,
+    typer.Option(
+        "--normalize",
+        help="Pixel normalization: imagenet (ImageNet's mean and std), unit (pixels in [0, 1]) "
+        f"or minus-one-one ([-1, 1]). {_RECORDED} the data's own (ImageNet's for a folder).",
+        show_default=False,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean",
+        metavar="M[,M,M]",
+        help="Per-channel mean of pixels in [0, 1], instead of --normalize, e.g. 0.5,0.5,0.5.",
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option("--std", metavar="S[,S,S]", help="Per-channel std, with --mean."),
+]
+ResizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resize",
+        metavar="squash|crop[:F]",
+        help="How a folder's images meet the input size: squash (resize to H x W) or crop "
+        "(keep the aspect ratio, resize to cover H x W / F, take the centre; F = 0.875, "
+        f"ImageNet's 224 of 256). {_RECORDED} squash.",
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        metavar="F|N",
+        help="For a folder without val/: hold out this fraction (0.2) or count (500) of its "
+        "images for validation (stratified, seeded).",
+    ),
+]
+
+
+def preprocessing_options(
+    model: nn.Module | None,
+    normalize: Normalize | None,
+    mean: str | None,
+    std: str | None,
+    resize: str | None,
+) -> Preprocessing | None:
+    """The preprocessing options over what ``model``'s file records (None: neither)."""
+    base = None if model is None else recorded_preprocessing(model)
+    name = None if normalize is None else normalize.value
+    return parse_preprocessing(name, mean, std, resize, base=base)
+
+
+def _val_split(value: float | None) -> float | int | None:
+    """--val-split as the data module takes it: a count when it is a whole number >= 1."""
+    return int(value) if value is not None and value >= 1 and value.is_integer() else value
 
 
 def _report(record: dict, test: dict | None, json_output: bool, title: str, path: Path) -> None:
@@ -91,19 +163,34 @@ def train_command(
         Path | None,
         typer.Option("--output", "-o", metavar="PATH", help=f"Default: {DEFAULT_BASELINE_OUTPUT}."),
     ] = None,
+    normalize: NormalizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    val_split: ValSplitOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a baseline from scratch and save it as a decomp file (input size, class names)."""
+    """Train a baseline from scratch and save it as a decomp file (input size, class names,
+    preprocessing)."""
     with command(verbose):
         size = parse_input_size(input_size)
+        prep = preprocessing_options(None, normalize, mean, std, resize)
         if output is None:
             output = Path(DEFAULT_BASELINE_OUTPUT)
             output.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.check_output_path(output)
         add_cwd_to_path()
         outcome = train_baseline(
-            arch, arch_kwargs, data, size, epochs, output, progress=not json_output
+            arch,
+            arch_kwargs,
+            data,
+            size,
+            epochs,
+            output,
+            val_split=_val_split(val_split),
+            progress=not json_output,
+            preprocessing=prep,
         )
         _report(outcome.to_dict(), outcome.test, json_output, f"trained {arch}", output)
 
@@ -132,6 +219,11 @@ def finetune_command(
             "unless the file says that was done.",
         ),
     ] = CALIBRATION_BATCHES,
+    normalize: NormalizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    val_split: ValSplitOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -158,8 +250,10 @@ def finetune_command(
             output=target,
             resume=resume,
             input_size=size,
+            val_split=_val_split(val_split),
             progress=not json_output,
             calibrate_batches=calibrate_batches,
+            preprocessing=preprocessing_options(net, normalize, mean, std, resize),
         )
         if is_main_process():  # under torchrun, rank 0 wrote the file and reports
             _report(outcome.to_dict(), outcome.test, json_output, f"fine-tuned {model}", target)
@@ -187,6 +281,11 @@ def evaluate_command(
     baseline_f1: Annotated[
         float, typer.Option("--baseline-f1", help="Competition score: the baseline's F1.")
     ] = BASELINE_F1,
+    normalize: NormalizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    val_split: ValSplitOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -200,9 +299,11 @@ def evaluate_command(
         checkpoint.check_input_path(model)
         net = load_model(model, arch, arch_kwargs, trust_pickle)
         size = input_size_of(size, net, model)
+        prep = preprocessing_options(net, normalize, mean, std, resize)
+        bundle = load_data(data, size, val_split=_val_split(val_split), preprocessing=prep)
         metrics = evaluate(
             net,
-            data,
+            bundle,
             size,
             latency=latency,
             compare_with=None

@@ -261,8 +261,8 @@ def image_folder_datasets(
         train_idx, val_idx = np.arange(len(full)), np.arange(len(val))
     elif val_split is None:
         raise ValueError(
-            f"{root} has no train/ and val/ folders; pass val_split (e.g. 0.2) to hold out "
-            f"part of {train_root} for validation"
+            f"{root} has no train/ and val/ folders; pass val_split (command line: "
+            f"--val-split), e.g. 0.2, to hold out part of {train_root} for validation"
         )
     else:
         val = full

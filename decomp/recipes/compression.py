@@ -1,5 +1,8 @@
 """Compress a model file: plan (or a given plan), factorize, re-estimate batch norm, save.
 
+With calibration data the layers are fitted to their outputs on it and batch norm is re-estimated
+on the same batches; the file records what was used (``calibration``, ``preprocessing``).
+
 - :func:`compress`: the ``decompose`` workflow, returning a :class:`CompressResult`.
 - :func:`inspect_model`: what every method would do to each layer, without changing anything.
 """
@@ -7,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -17,12 +21,19 @@ from typing import Any
 from torch import nn
 
 from decomp._utils import PathLike, plain
-from decomp.batchnorm import calibrate, has_batchnorm
+from decomp.batchnorm import recalibrate
 from decomp.checkpoint import load, model_arch, model_meta, recorded_input_size, save
-from decomp.data import DataBundle, load_data
+from decomp.data import (
+    DataBundle,
+    Preprocessing,
+    calibration_data,
+    recorded_preprocessing,
+)
+from decomp.data.preprocessing import RECORD_KEY
 from decomp.metrics import count_macs, count_macs_competition, count_params
 from decomp.plan import Plan, applied_plans, apply, method_choices, recount
 from decomp.plan import plan as make_plan
+from decomp.recipes.training import without_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,9 @@ class CompressResult:
             counts of the model and of the compressed one (``status == "written"`` only).
         seconds: wall time of factorizing, calibrating and saving.
         bn_calibrated: whether batch-norm statistics were re-estimated on data.
+        calibration: with data: ``layers`` (batch-norm layers re-estimated), ``batches`` and
+            ``images`` used, ``batches_asked``; None without data.
+        preprocessing: the preprocessing the data was read with (plain data), when known.
     """
 
     status: str
@@ -68,6 +82,8 @@ class CompressResult:
     params_after: int | None = None
     seconds: float | None = None
     bn_calibrated: bool = False
+    calibration: dict[str, int] | None = None
+    preprocessing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the ``--json`` output of ``decompose``)."""
@@ -95,14 +111,25 @@ class CompressResult:
             "macs_reduction": self.macs_before / max(self.macs_after or 0, 1),
             "seconds": self.seconds,
             "bn_calibrated": self.bn_calibrated,
+            "calibration": self.calibration,
+            "preprocessing": self.preprocessing,
             "plan": p.to_dict(),
         }
 
 
-def _train_loader(data: str | DataBundle | Iterable, input_size: Sequence[int]) -> Iterable:
+def _calibration_batches(
+    data: str | os.PathLike[str] | DataBundle | Iterable,
+    input_size: Sequence[int],
+    preprocessing: Preprocessing | None,
+) -> tuple[Iterable, Preprocessing | None]:
+    """The batches to fit and calibrate on, and the preprocessing they were read with: a spec
+    through :func:`decomp.data.calibration_data`, a bundle's training images not augmented."""
     if isinstance(data, str | os.PathLike):
-        return load_data(str(data), tuple(input_size)).train_loader
-    return data.train_loader if isinstance(data, DataBundle) else data
+        read = calibration_data(str(data), input_size, preprocessing)
+        return read.loader, read.preprocessing
+    if isinstance(data, DataBundle):
+        return without_augmentation(data).train_loader, data.preprocessing
+    return data, None
 
 
 def compress(
@@ -117,7 +144,9 @@ def compress(
     target_macs: float | int | str | None = None,
     latency: Mapping[str, Any] | None = None,
     plan: Plan | None = None,
-    data: str | DataBundle | Iterable | None = None,
+    data: str | os.PathLike[str] | DataBundle | Iterable | None = None,
+    fit: str | None = None,
+    preprocessing: Preprocessing | None = None,
     weigh_layers: bool = False,
     calibrate_batches: int = CALIBRATION_BATCHES,
     dry_run: bool = False,
@@ -128,13 +157,16 @@ def compress(
 ) -> CompressResult:
     """Compress a model (or a model file) and save it as a decomp file, atomically.
 
-    Plan (:func:`decomp.plan`) or take ``plan`` (its costs recounted on this model, its layers
-    checked to fit before any work), factorize (:func:`decomp.apply`), re-estimate batch-norm
-    statistics on ``data`` (no training), save with the decompose settings in the file's extra.
+    Read the calibration data first (a bad spec fails before any work), plan
+    (:func:`decomp.plan`, fitting the layers' outputs on the data) or take ``plan`` (its costs
+    recounted on this model, its layers checked to fit before any work), factorize
+    (:func:`decomp.apply`), re-estimate batch-norm statistics on the same batches
+    (:func:`decomp.batchnorm.recalibrate`; no training), save with the decompose settings, the
+    calibration's counts and the preprocessing in the file's extra.
 
     Args:
-        model: a model, or a file for :func:`decomp.load` (its metadata gives the input size
-            and the source that is recorded).
+        model: a model, or a file for :func:`decomp.load` (its metadata gives the input size,
+            the preprocessing and the source that is recorded).
         output: the decomp file to write; may be None with ``dry_run``.
         method, rank, exclude, force, target_macs: as in :func:`decomp.plan`; not used with
             ``plan``.
@@ -143,8 +175,12 @@ def compress(
             latency record (measured landing) goes into the file's extra.
         input_size: ``(C, H, W)``; default: ``plan``'s, else what the model's file records.
         plan: a saved (possibly hand-edited) plan to apply instead of planning.
-        data: a data spec, bundle or loader: batch norm is re-estimated on its training batches,
-            and with ``weigh_layers`` a MACs budget weighs layers by measured damage on them.
+        data: calibration data: a data spec (read by :func:`decomp.data.calibration_data`: the
+            training images, not augmented, no validation split needed), a bundle (its training
+            images, not augmented) or a loader of image batches.
+        fit: "outputs" (default with ``data``) or "weights", as in :func:`decomp.plan`.
+        preprocessing: how a data spec's images are read; default what the model's file
+            records, else the data's defaults (:class:`decomp.data.Preprocessing`).
         weigh_layers: with ``target_macs`` and ``data``: :mod:`decomp.plan.importance` weights.
         calibrate_batches: batches for the batch-norm re-estimation (0: none).
         dry_run: plan only; write nothing.
@@ -166,20 +202,16 @@ def compress(
         source = model if not isinstance(model, nn.Module) else model_meta(net).get("source_path")
     source = None if source is None else str(source)
     size = list(input_size or (plan.input_size if plan else None) or _recorded_size(net, source))
-    loader: list[Iterable] = []  # the training batches of ``data``, loaded once
-
-    def batches() -> Iterable:
-        if not loader:
-            loader.append(_train_loader(data, size))
-        return loader[0]
-
+    batches, prep = None, None
+    if data is not None:
+        batches, prep = _calibration_batches(
+            data, size, preprocessing or recorded_preprocessing(net)
+        )
     if plan is not None:
-        if plan.decomposed:  # fail before any output when the plan does not fit the model
-            apply(net, plan, init="structure")
-        p, macs_before = recount(net, replace(plan, input_size=size)), None
+        p, macs_before = _fixed_plan(net, plan, size, batches), None
     else:
-        weigh = batches() if weigh_layers else None
-        with stage("planning" if weigh is None else "measuring layer importance and planning"):
+        planning = "measuring layer importance and planning" if weigh_layers else "planning"
+        with stage(planning):
             p = make_plan(
                 net,
                 method,
@@ -188,7 +220,8 @@ def compress(
                 list(exclude),
                 force,
                 target_macs,
-                weigh,
+                batches,
+                fit=fit,
                 weigh_layers=weigh_layers,
                 **dict(latency or {}),
             )
@@ -199,28 +232,58 @@ def compress(
         status = "nothing_to_decompose" if not p.decomposed else "dry_run"
         return CompressResult(status, p, source, None, size)
     start = time.perf_counter()
-    compressed = apply(net, p, progress=progress)
+    compressed = apply(net, p, progress=progress, data=batches)
     before = macs_before if macs_before is not None else count_macs(net, size)
     after = count_macs(compressed, size)
-    calibrated = False
-    if data is not None and calibrate_batches:
-        if not has_batchnorm(compressed):
-            logger.info("no batch-norm layers: nothing to calibrate")
-        else:
-            with stage(f"calibrating batch norm on {calibrate_batches} batches of {data}"):
-                calibrate(compressed, batches(), batches=calibrate_batches)
-            calibrated = True
+    calibration = None
+    if batches is not None and calibrate_batches:
+        calibration = _calibrate(compressed, batches, calibrate_batches, stage)
     extra = {
         "decompose": {"method": p.method, "rank": p.rank, "input_size": size},
         **({"latency": plain(p.latency)} if getattr(p, "latency", None) else {}),
-        "bn_calibrated": calibrated,
+        "bn_calibrated": bool(calibration and calibration["layers"]),
+        "calibration": calibration,
+        **({RECORD_KEY: prep.to_dict()} if prep else {}),
     }
     save(compressed, output, input_size=size, source=source, extra=extra)
     seconds = round(time.perf_counter() - start, 3)
     params = (count_params(net), count_params(compressed))
     return CompressResult(
-        "written", p, source, str(output), size, before, after, *params, seconds, calibrated
+        "written",
+        p,
+        source,
+        str(output),
+        size,
+        before,
+        after,
+        *params,
+        seconds,
+        extra["bn_calibrated"],
+        calibration,
+        prep.to_dict() if prep else None,
     )
+
+
+def _fixed_plan(net: nn.Module, plan: Plan, size: list[int], batches: Iterable | None) -> Plan:
+    """A given plan, recounted on ``net``; checked first to fit it (and to have the data its
+    output-aware layers need), so that nothing is done for a plan that cannot be applied."""
+    if plan.decomposed:
+        apply(net, plan, init="structure")
+    fits_outputs = any(lp.fit == "outputs" for lp in plan.decomposed)
+    if fits_outputs and batches is None and not plan.whitening:
+        raise ValueError(
+            "the plan fits some layers' outputs on calibration data; pass that data "
+            "(command line: --data)"
+        )
+    return recount(net, replace(plan, input_size=size))
+
+
+def _calibrate(model: nn.Module, batches: Iterable, asked: int, stage: Stage) -> dict[str, int]:
+    """Re-estimate batch norm on ``asked`` batches; what was used, as plain data (all 0 for a
+    model without batch norm)."""
+    with stage(f"calibrating batch norm on up to {asked} batches"):
+        done = recalibrate(model, batches, batches=asked)
+    return {**dataclasses.asdict(done), "batches_asked": asked}
 
 
 def _recorded_size(model: nn.Module, source: str | None) -> list[int]:

@@ -2,7 +2,8 @@
 
 - :func:`build_model`: a freshly initialised model for a data set's classes.
 - :func:`train_baseline`: a model trained from scratch with the recipe of FACTS.md section 5,
-  saved as a decomp file that carries its input size, class names and training settings;
+  saved as a decomp file that carries its input size, class names, preprocessing and training
+  settings;
   :func:`baseline_config` and :func:`cached_baseline` decide when such a file can be reused.
 - :func:`finetune`: fine-tune a (compressed) model, optionally distilled from the original,
   after re-estimating its batch-norm statistics when that was not done; under torchrun on every
@@ -35,7 +36,14 @@ from decomp.checkpoint import (
     model_meta,
     save,
 )
-from decomp.data import DataBundle, load_data, make_loader
+from decomp.data import (
+    DataBundle,
+    Preprocessing,
+    load_data,
+    make_loader,
+    recorded_preprocessing,
+)
+from decomp.data.preprocessing import RECORD_KEY
 from decomp.distributed import is_main_process, setup_distributed
 from decomp.evaluate import evaluate
 from decomp.train import TrainConfig, train
@@ -149,8 +157,12 @@ def baseline_config(
     train_subset: int | None,
     val_split: float | int | None,
     augment: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> dict[str, Any]:
-    """The settings that determine a baseline; a cached baseline is reused only when they match."""
+    """The settings that determine a baseline; a cached baseline is reused only when they match.
+    The preprocessing is among them only when it is not the default (so that baselines cached
+    before it was recorded stay valid)."""
+    changed = preprocessing is not None and preprocessing != Preprocessing()
     return {
         "arch": arch_ref(arch, arch_kwargs),
         "data": str(data),
@@ -162,6 +174,7 @@ def baseline_config(
         "train_subset": train_subset,
         "val_split": val_split,
         "recipe": BASELINE_RECIPE if augment else BASELINE_RECIPE_NO_AUGMENTATION,
+        **({"preprocessing": preprocessing.to_dict()} if changed else {}),
     }
 
 
@@ -204,6 +217,7 @@ def load_bundle(
     workers: int | None = None,
     train_subset: int | None = None,
     val_split: float | int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> DataBundle:
     """``data`` itself when it is a bundle, else :func:`decomp.data.load_data` of the spec,
     after joining the torchrun process group (so that the train loader shards the data)."""
@@ -218,6 +232,7 @@ def load_bundle(
         seed=seed,
         workers=workers,
         train_subset=train_subset,
+        preprocessing=preprocessing,
     )
 
 
@@ -272,6 +287,7 @@ def train_baseline(
     evaluate_test: bool = True,
     data_name: str | None = None,
     augment: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> TrainingOutcome:
     """Train a classifier from scratch and save it as a decomp file.
 
@@ -304,11 +320,15 @@ def train_baseline(
         evaluate_test: evaluate the kept weights on the test split (or validation if none).
         data_name: how to record ``data`` in the file when a bundle is given.
         augment: train with the data's augmentation (see :func:`without_augmentation`).
+        preprocessing: how a data spec's images are read (:class:`decomp.data.Preprocessing`;
+            default the data's own); the file records the one used.
 
     Returns:
         A :class:`TrainingOutcome`.
     """
-    bundle = load_bundle(data, input_size, batch_size, seed, workers, train_subset, val_split)
+    bundle = load_bundle(
+        data, input_size, batch_size, seed, workers, train_subset, val_split, preprocessing
+    )
     if not augment:
         bundle = without_augmentation(bundle, seed)
     name = data_name or (data if isinstance(data, str) else "bundle")
@@ -324,6 +344,7 @@ def train_baseline(
         train_subset,
         val_split,
         augment,
+        preprocessing,
     )
     model, ref = build_model(arch, arch_kwargs, bundle.num_classes, bundle.input_size, seed)
     config = TrainConfig(
@@ -414,6 +435,9 @@ def _save(
     bundle: DataBundle,
     extra: Mapping[str, Any],
 ) -> str:
+    """Save with the bundle's input size, class names and preprocessing."""
+    if bundle.preprocessing is not None:
+        extra = {**extra, RECORD_KEY: bundle.preprocessing.to_dict()}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     path = save(
         model,
@@ -452,6 +476,7 @@ def finetune(
     evaluate_test: bool = True,
     extra: Mapping[str, Any] | None = None,
     calibrate_batches: int = 0,
+    preprocessing: Preprocessing | None = None,
     **train_options: Any,
 ) -> TrainingOutcome:
     """Fine-tune a (compressed) model from its current weights, optionally distilling a teacher.
@@ -486,6 +511,9 @@ def finetune(
         extra: more plain data for the saved file (e.g. ``{"bn_calibrated": True}``).
         calibrate_batches: re-estimate batch norm on this many batches first (0: never); the
             file then records ``bn_calibrated`` and ``calibration_batches``.
+        preprocessing: how a data spec's images are read; default what the model's file
+            records, else the data's own (:class:`decomp.data.Preprocessing`); the file records
+            the one used.
         **train_options: further :class:`decomp.train.TrainConfig` fields (``optimizer``,
             ``kd_alpha``, ``kd_temperature``, ``weight_decay``, ``warmup_epochs``, ...).
 
@@ -494,7 +522,8 @@ def finetune(
     """
     model, teacher = _as_model(model), None if teacher is None else _as_model(teacher)
     size = input_size or model_meta(model).get("input_size") or DEFAULT_INPUT_SIZE
-    bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split)
+    prep = preprocessing or recorded_preprocessing(model)
+    bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split, prep)
     extra = dict(extra or {})
     if calibrate_batches and not model_meta(model).get("extra", {}).get("bn_calibrated"):
         calibrate(model, bundle.train_loader, batches=calibrate_batches)

@@ -289,6 +289,65 @@ def test_exclude_leaves_layers_alone(tiny_sd: Path) -> None:
     assert reasons["conv1"] == reasons["conv2"] == "excluded by 'conv*'"
 
 
+# ------------------------------------------------------------- calibration data (--data)
+
+
+def test_decompose_calibrates_on_a_folder_without_val(
+    tiny_sd: Path, digits: Path, tmp_path: Path
+) -> None:
+    """A folder of class folders (no val/) is calibration data; what was used is said, with a
+    warning under 256 images, and recorded with the preprocessing for later commands."""
+    out, flat = tmp_path / "small.pt", digits / "val"  # 40 images, class folders only
+    args = (tiny_sd, *TINY, "--rank", "ratio:0.5", "--data", flat)
+    result = run(*args, "--normalize", "minus-one-one", "--resize", "crop", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (
+        "re-estimated 2 batch-norm layers on 40 images (1 batch of 30 asked for)" in result.stdout
+    )
+    assert "fit their outputs on 40 calibration images" in result.stdout
+    assert "from only 40 images are unsound" in " ".join(result.stderr.split())
+    extra = torch.load(out, weights_only=True)["extra"]
+    assert extra["calibration"] == {"layers": 2, "batches": 1, "images": 40, "batches_asked": 30}
+    recorded = {"mean": [0.5] * 3, "std": [0.5] * 3, "resize": "crop", "crop_fraction": 0.875}
+    assert extra["bn_calibrated"] is True and extra["preprocessing"] == recorded
+    again = run(
+        out, "--method", "svd", "--rank", "2", "--data", flat, "--json", "-o", tmp_path / "2.pt"
+    )
+    report = json.loads(again.stdout)  # a later command reads the data as the file records
+    assert report["preprocessing"] == recorded and report["plan"]["fit"] == "outputs"
+    assert report["calibration"]["images"] == 40 and report["calibration"]["batches"] == 1
+    weights = run(*args, "--fit", "weights", "--json", "-o", tmp_path / "w.pt")
+    assert json.loads(weights.stdout)["plan"]["fit"] == "weights"
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [("absent", "is neither 'fashion-mnist[:DIR]' nor an existing directory"),
+     ("val-only", "has a val/ folder but no train/ folder beside it")],
+)  # fmt: skip
+def test_bad_data_fails_before_planning(
+    tiny_sd: Path, tmp_path: Path, layout: str, message: str
+) -> None:
+    data = tmp_path / "data"
+    if layout == "val-only":
+        (data / "val" / "a").mkdir(parents=True)
+    out = tmp_path / "small.pt"
+    result = run(tiny_sd, *TINY, "--rank", "ratio:0.5", "--data", data, "-o", out)
+    assert_one_line_error(result, message)  # no plan table: nothing was planned
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--fit", "outputs"], "--fit outputs fits the layers' outputs on calibration data"),
+     (["--normalize", "unit"], "say how --data is read; pass --data"),
+     (["--resize", "crop"], "say how --data is read; pass --data")],
+)  # fmt: skip
+def test_data_options_without_data(tiny_sd: Path, extra: list[str], message: str) -> None:
+    assert_one_line_error(run(tiny_sd, *TINY, *extra), message)
+    assert_usage_error(run(tiny_sd, *TINY, "--normalize", "bogus"), "bogus")
+
+
 # -------------------------------------------------------------------- inspect and export
 
 
