@@ -248,6 +248,15 @@ class _LatencyBudget:
             modelled = record["predicted_ms"] / (record["measured"]["ratio"] * self.baseline)
             budget_ms = max(LANDING_AIM * goal * modelled, self.costs.floor_ms)
         steps, record = min(tries, key=lambda t: _miss(t[1].get("landing")))
+        if check_landing and not 0.85 <= record["landing"] <= 1.0:
+            logger.warning(
+                "latency target %s: the best of %d tries measured %.2f of the target (the "
+                "floor measured %.2f of the baseline); the plan is that try",
+                target,
+                len(tries),
+                record["landing"],
+                measured_floor["ratio"],
+            )
         result = self._decided(steps)
         result.latency = {**record, "tries": len(tries), "measured_floor": measured_floor}
         return result
