@@ -230,13 +230,14 @@ def load_data(
         names = train.class_names
     train_sampler = _train_sampler(train, sampler, distributed, seed)
     logger.info(
-        "data %s: %d train, %d val, %s test, %d classes, %d unreadable files skipped",
+        "data %s: %d train, %d val, %s test, %d classes, %d unreadable files skipped; %s",
         spec,
         len(train),
         len(val),
         len(test) if test is not None else "no",
         len(names),
         len(skipped),
+        prep.to_dict(),
     )
     return DataBundle(
         train_loader=make_loader(train, batch_size, True, workers, seed, train_sampler),
@@ -295,5 +296,5 @@ def calibration_data(
         dataset = image_folder.calibration_dataset(path, size, prep, seed, verify)
     workers = default_workers() if workers is None else int(workers)
     loader = make_loader(dataset, batch_size, False, workers, seed)
-    logger.info("calibration data %s: %d images", spec, len(dataset))
+    logger.info("calibration data %s: %d images; %s", spec, len(dataset), prep.to_dict())
     return CalibrationData(loader, len(dataset), prep, dataset.skipped)

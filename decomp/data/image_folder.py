@@ -144,8 +144,9 @@ def image_transform(
         ops += [v2.Resize(size, antialias=True)]
     if train:
         ops += [v2.RandomHorizontalFlip(), v2.RandomCrop(size, padding=shift_pad(size))]
-    mean, std = list(preprocessing.mean or ()), list(preprocessing.std or ())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    mean, std = preprocessing.mean, preprocessing.std
+    assert mean is not None and std is not None, "resolve with Preprocessing.for_channels first"
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 
 

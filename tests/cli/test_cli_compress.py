@@ -23,6 +23,8 @@ import decomp
 from decomp import checkpoint
 from decomp.checkpoint import load
 from decomp.cli import app, decompose_app
+from decomp.cli import training as cli_training
+from decomp.data import Preprocessing
 from decomp.recipes import compression
 from tests.conftest import REPO, tiny_net
 
@@ -318,6 +320,29 @@ def test_decompose_calibrates_on_a_folder_without_val(
     assert report["calibration"]["images"] == 40 and report["calibration"]["batches"] == 1
     weights = run(*args, "--fit", "weights", "--json", "-o", tmp_path / "w.pt")
     assert json.loads(weights.stdout)["plan"]["fit"] == "weights"
+
+
+def test_evaluate_reads_data_as_the_file_records(
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, sd = tmp_path / "small.pt", tmp_path / "four.pt"
+    torch.save(tiny_net(num_classes=4).state_dict(), sd)
+    args = ("--arch-kwargs", '{"num_classes": 4}', "--rank", "ratio:0.5", "--data", digits)
+    assert run(sd, *TINY, *args, "--normalize", "unit", "-o", out).exit_code == 0
+    seen = []
+    real = cli_training.load_data
+    monkeypatch.setattr(cli_training, "load_data", lambda *a, **k: seen.append(k) or real(*a, **k))
+    flat = digits / "val"  # no val/ of its own: --val-split holds some out
+    result = decomp_cli(
+        "evaluate", out, "--data", flat, "--val-split", "8", "--json", "--no-latency"
+    )
+    assert result.exit_code == 0, result.output
+    assert seen[-1]["preprocessing"] == Preprocessing(mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert seen[-1]["val_split"] == 8 and json.loads(result.stdout)["num_samples"] == 8
+    crop = ("--resize", "crop", "--val-split", "0.2", "--no-latency")
+    assert decomp_cli("evaluate", out, "--data", flat, *crop).exit_code == 0
+    unit_crop = Preprocessing((0.0,) * 3, (1.0,) * 3, "crop")  # the option over the record
+    assert seen[-1]["preprocessing"] == unit_crop and seen[-1]["val_split"] == 0.2
 
 
 @pytest.mark.parametrize(
