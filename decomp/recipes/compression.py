@@ -258,9 +258,9 @@ def compress(
         after,
         *params,
         seconds,
-        extra["bn_calibrated"],
-        calibration,
-        prep.to_dict() if prep else None,
+        bn_calibrated=extra["bn_calibrated"],
+        calibration=calibration,
+        preprocessing=extra.get(RECORD_KEY),
     )
 
 

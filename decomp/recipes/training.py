@@ -3,8 +3,8 @@
 - :func:`build_model`: a freshly initialised model for a data set's classes.
 - :func:`train_baseline`: a model trained from scratch with the recipe of FACTS.md section 5,
   saved as a decomp file that carries its input size, class names, preprocessing and training
-  settings;
-  :func:`baseline_config` and :func:`cached_baseline` decide when such a file can be reused.
+  settings; :func:`baseline_config` and :func:`cached_baseline` decide when such a file can be
+  reused.
 - :func:`finetune`: fine-tune a (compressed) model, optionally distilled from the original,
   after re-estimating its batch-norm statistics when that was not done; under torchrun on every
   process.
