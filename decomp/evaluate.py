@@ -19,7 +19,7 @@ from torch import nn
 
 from decomp._utils import check_input_size, model_device
 from decomp.checkpoint import model_meta
-from decomp.data import DataBundle, load_data
+from decomp.data import DataBundle, load_data, recorded_preprocessing
 from decomp.metrics import (
     BASELINE_F1,
     BASELINE_MACS,
@@ -53,7 +53,7 @@ def resolve_eval_source(
         size = input_size or meta.get("input_size")
         if size is None:
             raise ValueError(f"input_size is needed to read {data}, e.g. (3, 32, 32)")
-        data = load_data(str(data), size)
+        data = load_data(str(data), size, preprocessing=recorded_preprocessing(model))
     if isinstance(data, DataBundle):
         split = split or ("test" if data.test_loader is not None else "val")
         loaders = {"test": data.test_loader, "val": data.val_loader, "train": data.train_loader}

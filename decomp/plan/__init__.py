@@ -133,9 +133,9 @@ def plan(
 
     calls = trace_calls(model, input_size)
     layers, eligible = _candidates(model, method, exclude, calls)
-    whitening, images = {}, 0
+    whitening, images, seen = {}, 0, 0
     if fit == "outputs":
-        whitening, images = _measure_inputs(model, eligible, data, fit_batches)
+        whitening, images, seen = _measure_inputs(model, eligible, data, fit_batches)
     model_macs = count_macs(model, tuple(input_size))
     params = count_params(model)
 
@@ -183,7 +183,7 @@ def plan(
             f"target-macs:{target_macs}",
             lambda c: (Skip.BUDGET, "kept dense by the MACs budget"),
         )
-    result.fit, result.fit_batches, result.fit_images = fit, fit_batches, images
+    result.fit, result.fit_batches, result.fit_images = fit, seen, images
     budgeted = target_macs is not None or target_latency is not None
     result.notes = _notes(result, None if budgeted else spec)
     kept = {
@@ -412,21 +412,23 @@ def _check_options(
 
 def _measure_inputs(
     model: nn.Module, eligible: list[policy.Candidate], data: Iterable, batches: int
-) -> tuple[dict[nn.Module, Whitening], int]:
+) -> tuple[dict[nn.Module, Whitening], int, int]:
     """The whitening of every eligible layer that its method can fit to its outputs (and that
-    is small enough, see :data:`~decomp.plan.statistics.MAX_FEATURES`); marks them."""
+    is small enough, see :data:`~decomp.plan.statistics.MAX_FEATURES`); marks them. Also the
+    images and batches the statistics saw."""
     fitted = [
         c
         for c in eligible
         if c.method.fits_outputs and statistics.input_features(c.layer) <= statistics.MAX_FEATURES
     ]
     if not fitted:
-        return {}, 0
-    moments, images = statistics.input_moments(model, [c.module for c in fitted], data, batches)
+        return {}, 0, 0
+    modules = [c.module for c in fitted]
+    moments, images, seen = statistics.input_moments(model, modules, data, batches)
     for c in fitted:
         if c.module in moments:
             c.lp.fit = "outputs"
-    return statistics.whitenings(moments), images
+    return statistics.whitenings(moments), images, seen
 
 
 def decompose(

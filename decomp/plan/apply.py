@@ -170,7 +170,7 @@ def _whitening(model: nn.Module, plan: Plan, data: Iterable | None) -> dict[str,
             "data to apply (data=...)"
         )
     modules = [_layer(model, lp.name) for lp in wanted]
-    moments, _ = input_moments(model, modules, data, plan.fit_batches)
+    moments, _, _ = input_moments(model, modules, data, plan.fit_batches)
     found = whitenings(moments)
     return {lp.name: found[m] for lp, m in zip(wanted, modules, strict=True)}
 

@@ -111,7 +111,7 @@ class Plan:
     fit: str = "weights"
     """"weights", or "outputs" when calibration data was given; then ``fit_batches`` and
     ``fit_images`` say on how many batches and images the layers' input statistics were
-    measured."""
+    measured (what the data held, up to the batches asked for)."""
     fit_batches: int = 0
     fit_images: int = 0
     notes: list[str] = field(default_factory=list)

@@ -43,7 +43,7 @@ def input_features(layer: nn.Module) -> int:
 @torch.no_grad()
 def input_moments(
     model: nn.Module, layers: Sequence[nn.Module], data: Iterable, batches: int
-) -> tuple[dict[nn.Module, Tensor], int]:
+) -> tuple[dict[nn.Module, Tensor], int, int]:
     """The second moment of each layer's input features over ``batches`` batches of ``data``.
 
     Args:
@@ -54,7 +54,7 @@ def input_moments(
         batches: how many batches to use (fewer if ``data`` is shorter).
 
     Returns:
-        ``({layer: E[x x^T] (features x features, float64)}, images seen)``.
+        ``({layer: E[x x^T] (features x features, float64)}, images seen, batches seen)``.
 
     Raises:
         ValueError: ``batches`` < 1, or the data yields nothing.
@@ -74,20 +74,20 @@ def input_moments(
         counts[module] += len(rows)
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    device, images = model_device(model), 0
+    device, images, seen = model_device(model), 0, 0
     try:
         with training_flags(model, train=False):
             for batch in itertools.islice(data, batches):
                 x = batch_images(batch).to(device)
                 model(x)
-                images += len(x)
+                images, seen = images + len(x), seen + 1
     finally:
         for handle in handles:
             handle.remove()
     if images == 0:
         raise ValueError("the calibration data yielded no batches")
     logger.info("input statistics of %d layers from %d images", len(layers), images)
-    return {m: sums[m].cpu() / counts[m] for m in layers if counts[m]}, images
+    return {m: sums[m].cpu() / counts[m] for m in layers if counts[m]}, images, seen
 
 
 def whitenings(moments: dict[nn.Module, Tensor]) -> dict[nn.Module, Whitening]:
