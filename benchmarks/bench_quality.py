@@ -14,9 +14,10 @@ The series:
   output-aware (``data=`` the training batches), at 0 and 1 fine-tuning epochs;
 - ``target-macs/weights``: the same budgets fitted on the weights alone (``fit="weights"``):
   output-aware against weight-only factorization (issue 16);
-- ``ratio@equal-macs`` and ``vbmf@equal-macs``: a uniform ``ratio:F`` and a weakened
-  ``vbmf:WF`` (method auto, output-aware like the budget) whose F / WF is bisected on
-  :func:`decomp.plan.plan`'s MACs until they match the target-macs row's within 2 %;
+- ``ratio@equal-macs``, ``vbmf@equal-macs`` and ``evb@equal-macs``: a uniform ``ratio:F``,
+  decomp's weakened ``vbmf:WF`` and MUSCO's weakened EVB ``evb:WF`` (method auto, output-aware
+  like the budget) whose F / WF is bisected on :func:`decomp.plan.plan`'s MACs until they match
+  the target-macs row's within 2 % (where they can reach it);
 - ``staged`` and ``single-stage``: :func:`decomp.recipes.compress_in_stages` to 1/10 and 1/20 of
   the MACs in 3 stages of 1 epoch, against 1 stage of 3 epochs (the same total fine-tuning);
 - ``sweep``: a small sweep for the Pareto plot (Tucker-2 at vbmf, vbmf:0.6 and ratio:0.25, 0
@@ -107,9 +108,10 @@ TARGET = "target-macs"
 TARGET_WEIGHTS = "target-macs/weights"
 RATIO_EQ = "ratio@equal-macs"
 VBMF_EQ = "vbmf@equal-macs"
+EVB_EQ = "evb@equal-macs"
 STAGED = "staged"
 SINGLE = "single-stage"
-BUDGET_SERIES = (TARGET, TARGET_WEIGHTS, RATIO_EQ, VBMF_EQ)
+BUDGET_SERIES = (TARGET, TARGET_WEIGHTS, RATIO_EQ, VBMF_EQ, EVB_EQ)
 STAGED_SERIES = (STAGED, SINGLE)
 SERIES = (*BUDGET_SERIES, *STAGED_SERIES, SWEEP)
 """Every series, in the order the jobs run (the comparisons first, the plot's sweep last)."""
@@ -474,6 +476,40 @@ def tune_to_macs(
     return best
 
 
+EQUAL_MACS = {
+    RATIO_EQ: ("ratio", 1e-3, True),
+    VBMF_EQ: ("vbmf", 0.0, False),
+    EVB_EQ: ("evb", 0.0, False),
+}
+"""Series at equal MACs: (rank family, lower end of its parameter, whether MACs rise with it)."""
+
+
+def register_evb() -> None:
+    """The rank strategy ``evb:WF``: MUSCO's weakening of EVB's own rank,
+    ``ceil(R_full - WF * (R_full - R_evb))`` (at least 1), without the noise check and the floor
+    that decomp's ``vbmf:WF`` adds (those stop vbmf short of a deep cut; see
+    :mod:`rank_selection.strategies`). Registered once, for this benchmark only."""
+    import math
+
+    from rank_selection import evbmf_spectrum, register
+    from rank_selection.strategies import STRATEGIES
+
+    if "evb" in STRATEGIES:
+        return
+
+    def weakening(raw: Any) -> float:
+        value = float(raw)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"weakening factor must be in [0, 1]; got {raw!r}")
+        return value
+
+    @register("evb", weakening)
+    def _evb(s: Any, shape: tuple[int, int], wf: float) -> int:
+        r_full = min(shape)
+        r_evb = evbmf_spectrum(s, shape).rank
+        return max(1, math.ceil(r_full - wf * (r_full - r_evb) - 1e-9))
+
+
 def _fit_data(ctx: ModelContext) -> Any:
     """The training batches an output-aware plan fits on (the same ones every time)."""
     from decomp.seeding import seed_loader
@@ -507,7 +543,9 @@ def plan_job(ctx: ModelContext, job: Job) -> tuple[Any, dict[str, Any]]:
     target = _target_plan(ctx, job.budget)
     if job.series == TARGET:
         return target, {}
-    family, lo, rising = ("ratio", 1e-3, True) if job.series == RATIO_EQ else ("vbmf", 0.0, False)
+    family, lo, rising = EQUAL_MACS[job.series]
+    if family == "evb":
+        register_evb()
     start = time.perf_counter()
     found = tune_to_macs(  # on MACs alone: a rank spec's ranks do not depend on the fit
         lambda x: plan(ctx.baseline, job.method, f"{family}:{x:.4f}", size),
@@ -881,10 +919,13 @@ def _notes(config: Config) -> list[str]:
         "FT ep is the number of fine-tuning epochs of every row (a staged row: in all stages).",
         f"Budgeted rows (method {BUDGET_METHOD}): target-macs:X through decomp.plan's "
         "target_macs, output-aware (data = the training batches, seeded); target-macs/weights "
-        "the same fitted on the weights alone (fit='weights'); the ratio:F and vbmf:WF rows "
-        f"beside them are output-aware too, F / WF bisected on plan() MACs to within "
-        f"{config.match_tolerance:.0%} of the target-macs row's MACs (vbmf cannot go below "
-        "raw EVBMF ranks: where that is not enough the row says so and is not counted).",
+        "the same fitted on the weights alone (fit='weights'). Beside them, output-aware too, "
+        "and with F / WF bisected on plan() MACs to within "
+        f"{config.match_tolerance:.0%} of the target-macs row's MACs: uniform ratio:F, decomp's "
+        "weakened vbmf:WF (noise-checked EVBMF ranks with a floor, which stops it short of deep "
+        "cuts) and evb:WF, MUSCO's weakening of EVB's own rank without check or floor "
+        "(registered by this benchmark). A comparison whose MACs could not be matched says so "
+        "and is not counted.",
         f"Staged rows: decomp.recipes.compress_in_stages to X in {config.stages} stages of "
         f"{config.epochs_per_stage} epoch(s) (stage k: X^(k/{config.stages}) of the MACs, the "
         "budget re-spent over the current model, output-aware); single-stage rows: the same "
@@ -981,7 +1022,7 @@ def budget_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "target_f1": target["f1"],
             "target_macs": target["macs"],
         }
-        for series, name in ((TARGET_WEIGHTS, "weights"), (RATIO_EQ, "ratio"), (VBMF_EQ, "vbmf")):
+        for series, name in ((TARGET_WEIGHTS, "weights"), *COMPARED):
             other = index.get((model, series, budget, epochs))
             if other is None:
                 continue
@@ -994,10 +1035,14 @@ def budget_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+COMPARED = ((RATIO_EQ, "ratio"), (VBMF_EQ, "vbmf"), (EVB_EQ, "evb"))
+"""The equal-MACs series target-macs is compared with, and their names in the tables."""
+
+
 def _verdict(entry: Mapping[str, Any], tolerance: float = 0.02) -> str:
     """target-macs against ratio and vbmf, in points; a comparison off equal MACs says so."""
     parts = []
-    for name in ("ratio", "vbmf"):
+    for _, name in COMPARED:
         if f"{name}_f1" not in entry:
             parts.append(f"no {name} row")
             continue
@@ -1017,17 +1062,17 @@ def budget_lines(table: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = []
     for model in dict.fromkeys(e["model"] for e in table):
         entries = [e for e in table if e["model"] == model]
-        counted = [e for e in entries if _matched(e, "ratio") or _matched(e, "vbmf")]
+        counted = [e for e in entries if any(_matched(e, n) for _, n in COMPARED)]
         wins = [
             e
             for e in counted
-            if all(e[f"margin_vs_{n}"] > 0 for n in ("ratio", "vbmf") if _matched(e, n))
+            if all(e[f"margin_vs_{n}"] > 0 for _, n in COMPARED if _matched(e, n))
         ]
         each = [
             f"{e['budget']} MACs, {e['finetune_epochs']} epoch(s): {e['verdict']}" for e in entries
         ]
         lines.append(
-            f"- **{model}, target-macs against uniform ratio and weakened vbmf at equal MACs "
+            f"- **{model}, target-macs against uniform ratio and weakened vbmf / evb at equal MACs "
             f"(within 2 %): beats every matched one in {len(wins)} of {len(counted)}** "
             f"(budget x fine-tuning) comparisons, in points of test F1: {' | '.join(each)}."
         )
@@ -1138,6 +1183,9 @@ BUDGET_COLUMNS = [
     Column("vbmf_rank", "vbmf"),
     Column("vbmf_macs_dev", "vbmf MACs vs target", _pct),
     Column("vbmf_f1", "vbmf F1", ".4f"),
+    Column("evb_rank", "evb"),
+    Column("evb_macs_dev", "evb MACs vs target", _pct),
+    Column("evb_f1", "evb F1", ".4f"),
     Column("verdict", "target-macs (points)"),
 ]
 FIT_COLUMNS = [
@@ -1241,7 +1289,7 @@ def render_markdown(result: Mapping[str, Any], plot_name: str) -> str:
         "## Summary",
         "",
         f"Goals (issue 14, for {GOAL_MODEL}): {goals}; target-macs rows beat ratio and weakened "
-        "vbmf at equal MACs; output-aware fitting beats weight-only (issue 16).",
+        "vbmf / evb at equal MACs; output-aware fitting beats weight-only (issue 16).",
         "",
         *summary_lines(result),
         "",
@@ -1256,7 +1304,7 @@ def render_markdown(result: Mapping[str, Any], plot_name: str) -> str:
         "",
         render_table(staged_table(rows), STAGED_COLUMNS),
         render_table(stage_rows(rows), STAGE_COLUMNS),
-        "## Budgeted rows against uniform ratio and weakened vbmf at equal MACs",
+        "## Budgeted rows against uniform ratio and weakened vbmf / evb at equal MACs",
         "",
         render_table(budget_table(rows), BUDGET_COLUMNS),
         "## Output-aware against weight-only fitting",
@@ -1282,6 +1330,7 @@ STYLES = {
     TARGET_WEIGHTS: ("C1", "p", "target-macs (weights)"),
     RATIO_EQ: ("C2", "s", "ratio @ equal MACs"),
     VBMF_EQ: ("C0", "v", "vbmf:WF @ equal MACs"),
+    EVB_EQ: ("C9", "^", "evb:WF (MUSCO) @ equal MACs"),
     STAGED: ("C4", "D", "staged"),
     SINGLE: ("C5", "d", "single stage"),
 }

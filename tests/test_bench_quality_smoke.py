@@ -84,8 +84,8 @@ def test_tiny_run_writes_rows_report_and_plot(tiny_run: dict[str, Any]) -> None:
     assert {r["finetune_epochs"] for r in rows if r["series"] not in bq.STAGED_SERIES} == {0, 1}
     assert any(r["rank"].startswith("target-macs:") for r in rows)
     fits = {r["series"]: r["fit"] for r in rows if r["series"] in bq.BUDGET_SERIES}
-    assert fits == {bq.TARGET: "outputs", bq.TARGET_WEIGHTS: "weights",
-                    bq.RATIO_EQ: "outputs", bq.VBMF_EQ: "outputs"}  # fmt: skip
+    assert fits == {bq.TARGET: "outputs", bq.TARGET_WEIGHTS: "weights", bq.RATIO_EQ: "outputs",
+                    bq.VBMF_EQ: "outputs", bq.EVB_EQ: "outputs"}  # fmt: skip
     staged = {r["series"]: r for r in rows if r["series"] in bq.STAGED_SERIES}
     assert [len(staged[s]["stage_records"]) for s in bq.STAGED_SERIES] == [2, 1]
     assert staged[bq.STAGED]["finetune_epochs"] == staged[bq.SINGLE]["finetune_epochs"] == 2
@@ -94,7 +94,8 @@ def test_tiny_run_writes_rows_report_and_plot(tiny_run: dict[str, Any]) -> None:
     assert "## Summary" in md and "| small_cnn | sweep | tucker |" in md
     for heading in ("Multi-stage against single-stage", "Output-aware against weight-only"):
         assert f"## {heading}" in md
-    assert "target-macs against uniform ratio and weakened vbmf" in md
+    assert "target-macs against uniform ratio and weakened vbmf / evb" in md
+    assert any(r["rank"].startswith("evb:") for r in rows)
     assert "staged (2 x 1 ep)" in md and "CPU minutes in all" in md
     assert (out / "quality_tiny_pareto.png").stat().st_size > 0
 
