@@ -11,7 +11,7 @@ per-layer latency tables.
 - :class:`LatencyTable`: for one key, each layer geometry's dense latency and its factorized
   latency at a handful of ranks (a subset of the method's
   :class:`~decomp.factorize.registry.RankGrid`, snapped to multiples of the runtime's
-  :data:`ALIGN`), and the baseline latency of whole models. JSON, written atomically; a table is
+  :func:`align_for`), and the baseline latency of whole models. JSON, written atomically; a table is
   refused for another key. :meth:`LatencyTable.layer_ms` interpolates between the measured
   ranks (linearly in the factorized layer's MACs).
 - :func:`profile`: fill a table for a model's eligible layers (only the geometries it lacks).
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ALIGN",
+    "align_for",
     "RUNTIMES",
     "Key",
     "LatencyTable",
@@ -68,11 +69,21 @@ __all__ = [
 TABLE_FORMAT = 1
 RUNTIMES = ("torch", "onnxruntime")
 DEVICES = ("cpu", "cuda")
-ALIGN = {"torch": 16, "onnxruntime": 8}
-"""Ranks the budget gives, as multiples: measured on this project's 2-core x86 CPU (see
-docs/latency.md), ONNX Runtime runs a rank that is a multiple of 8 as fast as or faster than
-the ranks just below it (its convs work on blocks of 8 channels), and eager PyTorch's time rises
-in steps of 16 channels at batch 64."""
+ALIGN = {"onnxruntime": {1: 8}, "torch": {1: 4, 16: 16}}
+"""Ranks the budget gives, as multiples, by runtime and least batch. Measured on this project's
+2-core x86 CPU (``make bench-latency``, "Rank alignment"; docs/latency.md): under ONNX Runtime
+rounding a rank up to a multiple of 8 is free in 94-100% of cases and the larger rank usually
+runs faster (its convs work on blocks of channels); in eager PyTorch at batch 64 rounding up to
+a multiple of 16 is free (70-100%), at batch 1 only multiples of 4 nearly are (multiples of 16
+cost 10-27% more time)."""
+
+
+def align_for(runtime: str, batch: int) -> int:
+    """The rank multiple of :data:`ALIGN` for ``runtime`` at ``batch``."""
+    steps = ALIGN[runtime]
+    return steps[max(b for b in steps if b <= batch)]
+
+
 POINTS = 6
 """Factorized ranks measured per layer geometry (besides the dense layer)."""
 LAYER_TIMING = {"rounds": 5, "block_s": 0.01, "max_s": 10.0}
@@ -503,7 +514,8 @@ def profile(
         table: a table to extend, or a JSON file to extend (created if missing); it must have
             been measured for the same key.
         exclude: fnmatch patterns of layers to leave out, as for :func:`decomp.plan`.
-        align: measure ranks that are multiples of this (default :data:`ALIGN` of the runtime).
+        align: measure ranks that are multiples of this (default :func:`align_for` the runtime
+            and batch).
         points: factorized ranks measured per geometry.
         progress: called with each geometry's signature once it is measured.
 
@@ -520,7 +532,7 @@ def profile(
     start = time.perf_counter()
     todo = missing_layers(table, model, method, input_size, exclude)
     for layer, chosen, call in todo:
-        measure_layer(table, layer, chosen, call, align or ALIGN[runtime], points)
+        measure_layer(table, layer, chosen, call, align or align_for(runtime, batch), points)
         if progress is not None:
             progress(layer_signature(layer, chosen, call))
     if table.baseline_ms(model, input_size) is None:

@@ -27,7 +27,7 @@ def hand_table(
     measured ranks rising to 1.5 ms at full rank, except ``slow`` (2 ms at every rank)."""
     table = LatencyTable(Key.current("torch", "cpu", 1, threads))
     for c, calls in candidate_calls(model, "auto", SIZE):
-        grid = latency.snapped_grid(c.method.grid(c.layer, GRID), latency.ALIGN["torch"])
+        grid = latency.snapped_grid(c.method.grid(c.layer, GRID), latency.align_for("torch", 1))
         ranks = latency.measured_ranks(grid)
         times = [0.2 + 1.3 * i / max(len(ranks) - 1, 1) for i in range(len(ranks))]
         if c.lp.name == slow:
@@ -127,7 +127,7 @@ def test_layer_made_slower_by_factorizing_stays_dense(model):
         and "2 ms at best vs 1 ms" in by_name["conv1"].reason
     )
     assert by_name["conv2"].method == "tucker"
-    assert all(r % 16 == 0 or r in lp.shape[:2] for lp in p.decomposed for r in lp.ranks)
+    assert all(r % 4 == 0 or r in lp.shape[:2] for lp in p.decomposed for r in lp.ranks)
     assert p.rank == "target-latency:0.75"
     record = p.latency
     assert record["predicted_ms"] <= record["target_ms"] == pytest.approx(7.5)
@@ -343,3 +343,8 @@ def test_cli_profile_then_decompose_with_a_latency_target(tmp_path):
         ],
     )
     assert done.exit_code == 1 and "below the floor" in done.output
+
+
+def test_rank_multiples_follow_the_runtime_and_batch():
+    assert latency.align_for("onnxruntime", 1) == latency.align_for("onnxruntime", 64) == 8
+    assert latency.align_for("torch", 1) == 4 and latency.align_for("torch", 64) == 16

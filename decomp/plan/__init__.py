@@ -113,7 +113,7 @@ def plan(
             "onnxruntime"), ``device``, ``batch`` and ``threads``. The per-layer latencies come
             from ``latency_table`` (a :class:`~decomp.latency.LatencyTable` or its JSON file;
             what it lacks is measured, see :func:`decomp.latency.profile`), ranks snap to the
-            runtime's :data:`~decomp.latency.ALIGN`, and a layer that is not faster
+            runtime's multiple (:func:`~decomp.latency.align_for`), and a layer that is not faster
             factorized stays dense (``Skip.NOT_FASTER``). With ``check_landing`` the
             planned model is built (shapes only), timed paired with the original, and the
             budget corrected until it lands within :data:`LANDING` of the target (at most
@@ -163,7 +163,8 @@ def plan(
             exclude=exclude,
         )
         curves = [
-            budget.curve(c, whitening.get(c.module), latency.ALIGN[runtime]) for c in eligible
+            budget.curve(c, whitening.get(c.module), latency.align_for(runtime, batch))
+            for c in eligible
         ]
         if weigh_layers and curves:
             budget.measure(model, curves, data, importance_batches)
