@@ -17,7 +17,8 @@ from decomp.checkpoint import load
 from decomp.data import load_data
 from decomp.factorize import Factorized
 from decomp.plan import applied_plans
-from decomp.recipes.staged import compress_in_stages, stage_budgets, stage_paths, state_path
+from decomp.recipes import compress_in_stages, state_path
+from decomp.recipes.staged import stage_budgets, stage_paths
 from tests.conftest import DIGIT_CLASSES, tiny_net
 
 SIZE = (1, 16, 16)

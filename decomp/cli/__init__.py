@@ -1,12 +1,13 @@
-"""Command line: ``decomp decompose | inspect | export | profile | train | finetune | evaluate
-| demo`` and the standalone ``decompose``.
+"""Command line: ``decomp decompose | inspect | export | compress | profile | train | finetune |
+evaluate | demo`` and the standalone ``decompose``.
 
 Thin: every command parses its options, calls one library function (:mod:`decomp.recipes`,
 :mod:`decomp.evaluate`, :mod:`decomp.export`, :mod:`decomp.demo`) and renders the result with
-rich (:mod:`decomp.cli.render`). The commands live in :mod:`decomp.cli.compress` (model files)
-and :mod:`decomp.cli.training`; what they share (consoles, error handling, option types) in
-:mod:`decomp.cli.common`. Adding a command: write a function whose parameters use the shared
-option types, put its body in ``with command(verbose):`` and register it below.
+rich (:mod:`decomp.cli.render`). The commands live in :mod:`decomp.cli.compress` (model files),
+:mod:`decomp.cli.staged` (``compress``, in stages) and :mod:`decomp.cli.training`; what they
+share (consoles, error handling, option types) in :mod:`decomp.cli.common`. Adding a command:
+write a function whose parameters use the shared option types, put its body in
+``with command(verbose):`` and register it below.
 
 Exit codes: 0 success; 1 any failure, reported as one line on stderr that says what is wrong and
 how to mend it; 2 a malformed command line (unknown option, a value outside the choices, a missing
@@ -22,6 +23,7 @@ import typer
 from decomp.cli.common import out
 from decomp.cli.compress import decompose_command, export_command, inspect_command
 from decomp.cli.latency import profile_command
+from decomp.cli.staged import compress_command
 from decomp.cli.training import demo_command, evaluate_command, finetune_command, train_command
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -58,6 +60,7 @@ def _root(
 app.command("decompose", no_args_is_help=True)(decompose_command)
 app.command("inspect", no_args_is_help=True)(inspect_command)
 app.command("export", no_args_is_help=True)(export_command)
+app.command("compress", no_args_is_help=True)(compress_command)
 app.command("profile", no_args_is_help=True)(profile_command)
 app.command("train")(train_command)
 app.command("finetune", no_args_is_help=True)(finetune_command)

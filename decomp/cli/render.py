@@ -1,9 +1,10 @@
-"""Rich tables and summary lines of the library's results: plans, inspect, evaluation, demo."""
+"""Rich tables and summary lines of the library's results: plans, inspect, evaluation, demo,
+staged compression."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -11,6 +12,9 @@ from rich.text import Text
 from decomp.evaluate import LATENCY_BATCHES
 from decomp.metrics import competition_score
 from decomp.plan import LayerPlan, Plan
+
+if TYPE_CHECKING:
+    from decomp.recipes import StagedResult, StageRecord
 
 
 def num(n: int) -> str:
@@ -203,3 +207,80 @@ def demo_table(results: Mapping[str, Any]) -> Table:
             f"{score:.4f}",
         )
     return table
+
+
+# --------------------------------------------------------------------------------- compress
+
+
+def _f1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def staged_table(result: StagedResult) -> Table:
+    """``decomp compress``: the original, then one row per stage (a
+    :class:`~decomp.recipes.StagedResult`): budget, MACs, params, F1 after calibration and after
+    fine-tuning (validation and test), the kept epoch, seconds."""
+    table = Table(title="decomp compress: stage by stage", title_justify="left")
+    for column in (
+        "stage",
+        "budget",
+        "MACs",
+        "MACs cut",
+        "params",
+        "val F1 calibrated",
+        "test F1 calibrated",
+        "val F1 tuned",
+        "test F1 tuned",
+        "kept epoch",
+        "s",
+    ):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    base = result.original
+    blank = ("-", "-")
+    table.add_row(
+        "original", "1", num(base["macs"]), "1.00x", num(base["params"]), *blank,
+        _f1(base["val_f1"]), _f1(base["f1"]), *blank,
+    )  # fmt: skip
+    for s in result.stages:
+        table.add_row(
+            f"{s.stage}/{len(result.budgets)}",
+            f"{s.budget:.3g}",
+            num(s.macs),
+            f"{base['macs'] / s.macs:.2f}x",
+            num(s.params),
+            _f1(s.val_f1_calibrated),
+            _f1(s.test_f1_calibrated),
+            _f1(s.val_f1),
+            _f1(s.test_f1),
+            f"{s.best_epoch}/{s.epochs}",
+            f"{s.seconds['total']:.0f}",
+        )
+    return table
+
+
+def staged_stage_line(record: StageRecord) -> str:
+    """One finished stage of ``decomp compress``, as it ends."""
+    return (
+        f"stage {record.stage}: {num(record.macs)} MACs (budget {record.budget:.3g}); test F1 "
+        f"{_f1(record.test_f1_calibrated)} after calibration, {_f1(record.test_f1)} after "
+        f"{record.epochs} epoch(s) of distillation; {record.seconds['total']:.0f} s"
+    )
+
+
+def staged_lines(result: StagedResult) -> list[str]:
+    """What ``decomp compress`` did in all: MACs and test F1 from the original to the last
+    stage, and the files."""
+    base, last = result.original, result.stages[-1]
+    lines = [
+        f"MACs {num(base['macs'])} -> {num(last.macs)} ({base['macs'] / last.macs:.2f}x fewer); "
+        f"test F1 {_f1(base['f1'])} -> {_f1(last.test_f1)}"
+        + (
+            f" ({100 * (last.test_f1 - base['f1']):+.2f} points)"
+            if last.test_f1 is not None
+            else ""
+        )
+    ]
+    if result.resumed:
+        lines.append(f"resumed from {result.state}")
+    lines.append(f"wrote {result.output} (stage files beside it; state in {result.state})")
+    return lines
