@@ -723,7 +723,7 @@ def finetuned_row(
 def staged_row(ctx: ModelContext, job: Job) -> dict[str, Any]:
     """:func:`decomp.recipes.compress_in_stages` of the baseline to the job's budget; the stage
     files and state live under the cache, so a killed job resumes inside its stages."""
-    from decomp.recipes.staged import compress_in_stages, state_path
+    from decomp.recipes import compress_in_stages, state_path
 
     cpu = time.process_time()
     folder = Path(ctx.config.cache_dir) / ctx.name / "staged" / resume_key(ctx.config)
