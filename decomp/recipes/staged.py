@@ -7,9 +7,9 @@ every stage re-estimates the allocation from the spectra the fine-tuning left, a
 was factorized before is re-factorized at lower ranks by its own method (never nested). Each
 stage:
 
-1. plans ``target_macs`` at the stage's budget, output-aware on the training batches
-   (``fit="outputs"``; ``fit="weights"`` fits the kernels alone), and applies the plan;
-2. re-estimates batch-norm statistics on training batches (:func:`decomp.calibrate`);
+1. plans ``target_macs`` at the stage's budget, output-aware on the training images (not
+   augmented; ``fit="weights"`` fits the kernels alone), and applies the plan;
+2. re-estimates batch-norm statistics on the same images (:func:`decomp.calibrate`);
 3. fine-tunes for ``epochs_per_stage`` epochs with distillation from the teacher (the input
    model unless another is given), keeping the best validation epoch
    (:func:`decomp.recipes.finetune`).
@@ -62,6 +62,7 @@ from decomp.recipes.training import (
     _as_model,
     finetune,
     load_bundle,
+    without_augmentation,
 )
 from decomp.seeding import seed_loader
 
@@ -388,6 +389,7 @@ def compress_in_stages(
             scores = quick_scores(net.to(dev), bundle)
         original = {"macs": original_macs, "params": count_params(net), **scores}
         state.write(original=original, budgets=budgets, stages=[], status="running")
+    plain_bundle = without_augmentation(bundle, seed)  # fit and calibrate on the images as they are
     run = _Run(
         net,
         teacher_net.to(dev),
@@ -406,6 +408,7 @@ def compress_in_stages(
         {"lr": lr, "seed": seed, **train_options},
         stage,
         progress,
+        plain_bundle.train_loader,
     )
     records = state.stages
     last = stages if max_stages_this_run is None else len(records) + max_stages_this_run
@@ -466,6 +469,7 @@ class _Run:
     options: dict[str, Any]
     wrap: Stage
     progress: bool
+    fit_loader: Any  # the training batches, not augmented: what plans fit and BN calibrates on
 
     def load(self, path: Path) -> nn.Module:
         return load(path).to(self.device)
@@ -532,7 +536,7 @@ class _Run:
         score, write the start file and record the stage as under way in the state."""
         n, budget = len(self.files), self.budgets[k - 1]
         previous = self.original if k == 1 else self.load(self.files[k - 2])
-        loader, seed = self.bundle.train_loader, self.options["seed"] + k
+        loader, seed = self.fit_loader, self.options["seed"] + k
         count = int(budget * self.original_macs)
         clock = time.perf_counter()
         with self.wrap(f"stage {k}/{n}: planning {budget:.3g} of the MACs and factorizing"):
