@@ -108,6 +108,8 @@ def _push_moves(heap: list, layers: Sequence[BudgetLayer], ranks: list, i: int) 
     """Queue one step up in each mode of layer ``i``, and going dense, keyed by the error drop
     per added cost (best first)."""
     lay, current = layers[i], ranks[i]
+    if current is None:
+        return  # dense: the end of this layer's moves
     steps = lay.steps or (1,) * len(lay.max_ranks)
     err, cost = lay.error(current), lay.cost(current)
     moves = [DENSE]

@@ -85,7 +85,8 @@ def test_output_aware_fits_outputs_better_on_held_out_data() -> None:
 def test_plan_with_data_fits_outputs_and_says_so() -> None:
     model = Net().eval()
     p = decomp.plan(model, "auto", "ratio:0.5", SIZE, data=batches(), force=True)
-    assert p.fit == "outputs" and p.fit_batches == 4 and p.fit_images == 4 * 16  # what the data held
+    # the batches and images the data held (up to the 8 batches asked for)
+    assert p.fit == "outputs" and p.fit_batches == 4 and p.fit_images == 4 * 16
     assert {lp.fit for lp in p.decomposed} == {"outputs"}
     weights = decomp.plan(
         model, "auto", "ratio:0.5", SIZE, data=batches(), fit="weights", force=True

@@ -86,3 +86,10 @@ def test_budget_below_the_floor_names_it():
     assert floor_cost(layers, 5) == 15
     with pytest.raises(BudgetError, match="floor of 15 MACs"):
         allocate(layers, 14, fixed_cost=5)
+
+
+def test_a_layer_dearer_at_rank_one_than_dense_stays_dense() -> None:
+    cheap = BudgetLayer("cheap", (4,), lambda r: 10 * r[0], lambda r: 1.0 / r[0], 100, steps=(1,))
+    dear = BudgetLayer("dear", (4,), lambda r: 50 + r[0], lambda r: 1.0 / r[0], 40, steps=(1,))
+    # the dear layer starts (and stays) dense at 40; the cheap one spends the remaining 10
+    assert allocate([cheap, dear], budget=60) == [(2,), None]
