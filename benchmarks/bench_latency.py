@@ -7,7 +7,7 @@ Runtime, at batch 1 and 64, for targets of 1/2 and 1/4 of the measured baseline:
 
 - ``decomp.latency.profile`` fills a per-layer latency table (cached under ``--tables``);
 - ``decomp.plan(..., method="auto", target_latency=T, runtime=R, batch=B)`` plans;
-- ``decomp.apply`` factorizes (real weights), and ``decomp.latency.paired_latency`` times the
+- ``decomp.apply`` factorizes (real weights), and ``decomp.timing.paired_latency`` times the
   result paired with the original: landing = measured latency / target, speed-up with its
   spread, MACs cut (thop), efficiency = speed-up / MACs cut, the output's relative error on a
   random batch; for ONNX Runtime rows, the same model's eager speed-up beside it.
@@ -147,17 +147,17 @@ def alignment_rows(cfg: Config, runtime: str, batch: int) -> list[dict[str, Any]
     """Is a rank rounded up to a multiple of ``a`` free? For each geometry, every rank in
     :data:`ALIGN_RANKS` is timed (Tucker-2 at ranks (r, r), interleaved) and for each ``a``
     the rows say how often the next multiple of ``a`` costs at most 5% more than ``r``."""
-    from decomp import latency
+    from decomp import latency, timing
     from decomp.factorize import registry
 
-    key = latency.Key.current(runtime, "cpu", batch, cfg.threads)
+    key = timing.Key.current(runtime, "cpu", batch, cfg.threads)
     tucker, rows = registry.get("tucker"), []
     for channels, hw in ALIGN_GEOMETRIES:
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         x = torch.randn(batch, channels, hw, hw)
         modules = [latency.structure(tucker, conv, [r, r]) for r in ALIGN_RANKS]
-        runs = [latency.runner(m, x, key) for m in modules]
-        times = latency.interleaved(runs, key, rounds=3, block_s=0.005)
+        runs = [timing.runner(m, x, key) for m in modules]
+        times = timing.interleaved(runs, key, rounds=3, block_s=0.005)
         ms = {r: sorted(t)[1] for r, t in zip(ALIGN_RANKS, times, strict=True)}
         for align in ALIGNS:
             pairs = [
@@ -199,7 +199,7 @@ def landing_rows(
 ) -> list[dict[str, Any]]:
     """One row per target for one model, runtime and batch (one profile for all of them)."""
     import decomp
-    from decomp import latency
+    from decomp import latency, timing
     from decomp.metrics import count_macs
     from decomp.plan import Skip
 
@@ -225,7 +225,7 @@ def landing_rows(
             continue
         row["plan_s"] = round(time.perf_counter() - start, 1)
         compressed = decomp.apply(net, p)
-        measured = latency.paired_latency(net, compressed, size, **setting)
+        measured = timing.paired_latency(net, compressed, size, **setting)
         row.update(_measured(measured, target, macs, count_macs(compressed, size)))
         row.update(
             status="ok",
@@ -238,7 +238,7 @@ def landing_rows(
             ranks={lp.name: lp.ranks for lp in p.decomposed},
         )
         if runtime == "onnxruntime":
-            eager = latency.paired_latency(net, compressed, size, batch=batch, threads=cfg.threads)
+            eager = timing.paired_latency(net, compressed, size, batch=batch, threads=cfg.threads)
             row["eager_speedup"] = eager["speedup"]
             row["eager_efficiency"] = eager["speedup"] / row["macs_cut"]
         rows.append(row)
@@ -270,14 +270,14 @@ def matched_macs_plan(base: nn.Module, size: Sequence[int], ratio: float, settin
     """A MACs-budget plan whose model measures ``ratio`` of the original's latency (paired),
     by bisection on ``target_macs``: ``(plan, measured ratio, target_macs, steps)``."""
     import decomp
-    from decomp import latency
+    from decomp import timing
 
     low, high, best, steps = 0.02, 1.0, None, []
     for _ in range(8):
         middle = (low + high) / 2
         p = decomp.plan(base, METHOD, input_size=size, target_macs=middle)
         built = decomp.apply(base, p, init="structure")
-        got = latency.paired_latency(base, built, size, **setting)["ratio"]
+        got = timing.paired_latency(base, built, size, **setting)["ratio"]
         steps.append({"target_macs": middle, "ratio": got})
         if best is None or abs(got - ratio) < abs(best[1] - ratio):
             best = (p, got, middle)
@@ -290,7 +290,7 @@ def matched_macs_plan(base: nn.Module, size: Sequence[int], ratio: float, settin
 def f1_row(cfg: Config, target: float, bundle: Any) -> dict[str, Any]:
     """Latency budget vs a MACs budget at the same measured latency, after the same fine-tune."""
     import decomp
-    from decomp import latency
+    from decomp import latency, timing
     from decomp.metrics import count_macs
     from decomp.recipes import CALIBRATION_BATCHES, FINETUNE_LR, finetune
 
@@ -329,7 +329,7 @@ def f1_row(cfg: Config, target: float, bundle: Any) -> dict[str, Any]:
         }
     row["latency"]["planned_ratio"], row["macs"]["planned_ratio"] = ratio, macs_ratio
     for label, model in tuned.items():  # the two fine-tuned models, measured back to back
-        measured = latency.paired_latency(base, model, size, rounds=15, **setting)
+        measured = timing.paired_latency(base, model, size, rounds=15, **setting)
         row[label].update(measured_ratio=measured["ratio"], speedup_iqr=measured["speedup_iqr"])
     row["macs"]["target_macs"] = macs_target
     row["f1_gain"] = _diff(row["latency"]["test_f1"], row["macs"]["test_f1"])

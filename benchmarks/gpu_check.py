@@ -5,7 +5,7 @@ Checks, each timed and recorded whatever happens to the others:
 - ``environment``: torch, CUDA, the GPU; which of decomp's dependencies are missing, and what
   each missing one costs (thop: MAC counts, so ``plan``; tensorly / tensorly-torch / ptflops:
   only the comparisons and the competition counter, not checked here);
-- ``cuda_latency``: ``decomp.metrics.measure_latency`` and ``decomp.latency.paired_latency`` on
+- ``cuda_latency``: ``decomp.metrics.measure_latency`` and ``decomp.timing.paired_latency`` on
   the GPU (CUDA events), resnet18 at 64 px, batch 64, fused;
 - ``profile_cuda``: ``decomp.latency.profile(..., device="cuda")``: a per-layer table timed with
   CUDA events, how long it took;
@@ -116,14 +116,14 @@ def _resnet18() -> Any:
 
 def check_cuda_latency(device: str) -> dict[str, Any]:
     import decomp
-    from decomp import latency
+    from decomp import timing
     from decomp.factorize import registry
     from decomp.metrics import measure_latency
 
     model = _resnet18()
     compressed = _factorized_copy(model, registry.get("tucker"), 0.25)
     single = measure_latency(decomp.fuse(model), SIZE, batch_size=64, device=device, repeats=10)
-    paired = latency.paired_latency(model, compressed, SIZE, device=device, batch=64)
+    paired = timing.paired_latency(model, compressed, SIZE, device=device, batch=64)
     return {"measure_latency_b64": single, "paired_tucker_quarter_b64": paired}
 
 

@@ -91,9 +91,9 @@ def speedup_rows(
     original: nn.Module, model: nn.Module, input_size: Sequence[int]
 ) -> dict[str, Any]:
     """``model``'s speed-up over ``original`` at every batch of :data:`LATENCY_BATCHES`, eager
-    PyTorch on the CPU, timed paired (:func:`decomp.latency.paired_latency`):
+    PyTorch on the CPU, timed paired (:func:`decomp.timing.paired_latency`):
     ``{"batch_1": {...}, "batch_64": {...}}``."""
-    from decomp.latency import paired_latency
+    from decomp.timing import paired_latency
 
     return {
         f"batch_{b}": paired_latency(original, model, input_size, batch=b) for b in LATENCY_BATCHES

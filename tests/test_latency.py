@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 import decomp
-from decomp import latency
+from decomp import latency, timing
 from decomp.factorize import registry
 from decomp.factorize.registry import Call, RankGrid
-from decomp.latency import Key, LatencyTable
+from decomp.latency import LatencyTable
 from decomp.plan import Skip, candidate_calls
 from decomp.plan.budget import GRID
+from decomp.timing import Key
 from tests.conftest import tiny_net
 
 SIZE = (3, 16, 16)
@@ -203,7 +204,7 @@ def test_profile_measures_each_geometry_once_and_reuses_the_file(tmp_path):
 def test_paired_latency_reports_the_ratio_and_its_spread(runtime):
     model = tiny_net(width=16).eval()
     compressed = decomp.decompose(model, "tucker", "ratio:0.5", SIZE)
-    out = latency.paired_latency(
+    out = timing.paired_latency(
         model, compressed, SIZE, runtime=runtime, threads=1, rounds=3, block_s=0.002
     )
     assert out["original_ms"] > 0 and out["compressed_ms"] > 0
@@ -215,7 +216,7 @@ def test_paired_latency_reports_the_ratio_and_its_spread(runtime):
 
 def test_landing_is_measured_paired(model):
     table = hand_table(model)
-    table.set_baseline(model, SIZE, latency.measure_model(model, SIZE, key()))
+    table.set_baseline(model, SIZE, timing.measure_model(model, SIZE, key()))
     p = decomp.plan(
         model, "auto", input_size=SIZE, target_latency=1.0, threads=1, latency_table=table
     )
@@ -231,7 +232,7 @@ def test_cuda_profile_uses_cuda_events():
     table = latency.profile(model, "auto", SIZE, device="cuda", batch=8)
     assert table.key.device == "cuda" and table.key.device_name
     assert all(e["dense_ms"] > 0 for e in table.layers.values())
-    out = latency.paired_latency(
+    out = timing.paired_latency(
         model,
         decomp.decompose(model, "tucker", "ratio:0.5", SIZE),
         SIZE,

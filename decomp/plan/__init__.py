@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from decomp import latency
+from decomp import latency, timing
 from decomp._utils import check_input_size
 from decomp.factorize import registry
 from decomp.factorize.base import Whitening
@@ -281,7 +281,7 @@ class _LatencyBudget:
         """The model at ``steps``, built (shapes only), timed paired with the original."""
         built = apply(self.model, self._decided(steps), init="structure")
         key = self.table.key
-        return latency.paired_latency(
+        return timing.paired_latency(
             self.model,
             built,
             self.input_size,
