@@ -10,6 +10,7 @@ modules and swaps them in by qualified name. The pieces:
 - :mod:`~decomp.plan.policy`: which layers, which method, is it worth it;
 - :mod:`~decomp.plan.forwards`: conv subclasses whose forward decomp can carry over;
 - :mod:`~decomp.plan.budget`: spending a MACs or latency budget over the layers' error curves;
+- :mod:`~decomp.plan.latency_budget`: a latency target's landing, checked by measuring;
 - :mod:`~decomp.plan.statistics`: the inputs' statistics behind output-aware fitting;
 - :mod:`~decomp.plan.importance`: measured output damage per layer;
 - :mod:`~decomp.plan.apply`: the surgery, and recounting an edited plan.
