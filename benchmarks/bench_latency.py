@@ -34,7 +34,7 @@ import dataclasses
 import gc
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,13 @@ BATCHES = (1, 64)
 TARGETS = (0.5, 0.25)
 METHOD = "auto"
 EFFICIENCY_GOAL = 0.85
+"""Speed-up / MACs cut a latency plan should reach under :data:`GOAL_RUNTIME` at
+:data:`GOAL_TARGET`."""
+GOAL_RUNTIME = "onnxruntime"
+GOAL_TARGET = 0.5
+LANDING_WINDOW = (0.85, 1.0)
+"""Where a model's measured latency should land, as a share of its target (decomp.plan aims
+inside it, at ``decomp.plan.latency_budget.LANDING``)."""
 DEMO_BASELINE = REPO / "runs" / "demo" / "baseline.pt"
 WORK_DIR = REPO / "runs" / "bench-latency"
 
@@ -441,6 +448,147 @@ COLUMNS = [
 ]
 
 
+def _num(x: float) -> str:
+    """``1.0``, ``0.85``: at least one decimal."""
+    return f"{x:.1f}" if x == round(x, 1) else f"{x:g}"
+
+
+def _window() -> str:
+    """``0.85-1.0``: :data:`LANDING_WINDOW` as text."""
+    return "-".join(_num(x) for x in LANDING_WINDOW)
+
+
+def _landed(row: Mapping[str, Any]) -> bool:
+    return LANDING_WINDOW[0] <= row["landing"] <= LANDING_WINDOW[1]
+
+
+def _name(row: Mapping[str, Any]) -> str:
+    return f"{row['model']} {row['runtime']} b{row['batch']} at {row['target']:g}"
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return float(np.median(found)) if found else None
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per runtime, batch and target (over the models): how many landed inside
+    :data:`LANDING_WINDOW`, the landing range, median speed-up, MACs cut and efficiency."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["runtime"], row["batch"], row["target"]), []).append(row)
+    order = {name: i for i, name in enumerate(RUNTIMES)}
+    out = []
+    for (runtime, batch, target), group in sorted(
+        groups.items(),
+        key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][0], kv[0][1], -kv[0][2]),
+    ):
+        ok = [r for r in group if r["status"] == "ok"]
+        entry: dict[str, Any] = {"runtime": runtime, "batch": batch, "target": target}
+        entry |= {"models": len(ok), "infeasible": len(group) - len(ok)}
+        if ok:
+            landings = [r["landing"] for r in ok]
+            entry |= {
+                "landed": sum(_landed(r) for r in ok),
+                "landing_range": [min(landings), max(landings)],
+                "speedup": _median([r["speedup"] for r in ok]),
+                "macs_cut": _median([r["macs_cut"] for r in ok]),
+                "efficiency": _median([r["efficiency"] for r in ok]),
+                "efficiency_min": min(r["efficiency"] for r in ok),
+                "eager_efficiency": _median([r.get("eager_efficiency") for r in ok]),
+            }
+        out.append(entry)
+    return out
+
+
+SUMMARY_COLUMNS = [
+    Column("runtime"),
+    Column("batch"),
+    Column("target"),
+    Column("models", "models"),
+    Column("landed", f"landed in {_window()}"),
+    Column("landing_range", "measured / target", lambda v: f"{v[0]:.2f}-{v[1]:.2f}"),
+    Column("speedup", "median speed-up", _x),
+    Column("macs_cut", "median MACs cut", _x),
+    Column("efficiency", "median efficiency", ".2f"),
+    Column("efficiency_min", "lowest efficiency", ".2f"),
+    Column("eager_efficiency", "median eager eff.", ".2f"),
+    Column("infeasible", "below the floor"),
+]
+
+
+def summary_lines(result: Mapping[str, Any]) -> list[str]:
+    """The verdicts, as markdown bullets: landing inside :data:`LANDING_WINDOW`, the efficiency
+    goal, targets below the floor, and the F1 of a latency budget against a MACs budget at the
+    same measured latency."""
+    rows = result.get("rows") or []
+    ok = [r for r in rows if r["status"] == "ok"]
+    low, high = LANDING_WINDOW
+    lines = []
+    if ok:
+        out = [r for r in ok if not _landed(r)]
+        text = (
+            f"- Landing (measured latency / target) inside {_window()}: "
+            f"{len(ok) - len(out)} of {len(ok)} rows"
+        )
+        if out:
+            text += "; outside: " + ", ".join(f"{_name(r)} ({r['landing']:.3f})" for r in out)
+            text += f" (below {_num(low)}: faster than asked; above {_num(high)}: slower)"
+        lines.append(text + ".")
+    goal = [r for r in ok if r["runtime"] == GOAL_RUNTIME and r["target"] == GOAL_TARGET]
+    if goal:
+        short = [r for r in goal if r["efficiency"] < EFFICIENCY_GOAL]
+        text = (
+            f"- Efficiency goal (speed-up / MACs cut >= {EFFICIENCY_GOAL:g} under {GOAL_RUNTIME} "
+            f"at target {GOAL_TARGET:g}): met by {len(goal) - len(short)} of {len(goal)} rows"
+        )
+        if short:
+            text += "; short: " + ", ".join(f"{_name(r)} ({r['efficiency']:.2f})" for r in short)
+        lines.append(text + ".")
+    else:
+        lines.append(f"- Efficiency goal: no {GOAL_RUNTIME} row at target {GOAL_TARGET:g} yet.")
+    infeasible = [r for r in rows if r["status"] != "ok"]
+    if infeasible:
+        lines.append(
+            "- Below the floor (no plan): " + ", ".join(_name(r) for r in infeasible) + "."
+        )
+    lines.append(f1_line(result))
+    return lines
+
+
+def f1_line(result: Mapping[str, Any]) -> str:
+    """The F1 of a latency budget against a MACs budget at the same measured latency."""
+    f1 = result.get("f1") or []
+    if not f1:
+        return "- F1 at equal measured latency: no rows yet."
+    base = result.get("f1_baseline") or {}
+    setting = next((r for r in f1 if r.get("runtime")), {})
+    head = "- F1 at equal measured latency (demo resnet18"
+    if setting:
+        head += f", {setting['runtime']} batch {setting.get('batch')}"
+    if base.get("f1") is not None:
+        head += f"; baseline test F1 {base['f1']:.4f}"
+    parts = []
+    for r in f1:
+        if r["status"] != "ok":
+            parts.append(f"target {r['target']:g}: {r['status']}")
+            continue
+        lat, macs = r["latency"], r["macs"]
+        gain = _diff(lat.get("test_f1"), macs.get("test_f1"))
+        points = None if gain is None else 100 * gain
+        parts.append(
+            f"target {r['target']:g}: latency budget {_f(lat.get('test_f1'), '.4f')} against "
+            f"MACs budget {_f(macs.get('test_f1'), '.4f')} ({_f(points, '+.2f')} "
+            f"points; fine-tuned, they measure {_f(lat.get('measured_ratio'), '.3f')} and "
+            f"{_f(macs.get('measured_ratio'), '.3f')} of the original's latency)"
+        )
+    return head + "): " + "; ".join(parts) + "."
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
@@ -451,6 +599,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "rounds) / target; efficiency = speed-up / MACs cut (goal "
         f">= {EFFICIENCY_GOAL} under ONNX Runtime at 1/2); eager columns: the same ONNX "
         "Runtime-chosen model run in eager PyTorch.\n",
+        "## Summary\n",
+        render_table(summary_table(rows), SUMMARY_COLUMNS),
+        *summary_lines(result),
+        "\n## Every row\n",
         render_table(ok, COLUMNS),
     ]
     if result.get("alignment"):

@@ -390,6 +390,92 @@ MODE_COLUMNS = [
 ]
 
 
+def fit_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per case and MACs target, each variant's top-1 agreement and output TV side by side
+    (``<variant>_agreement``, ``<variant>_tv``), with the constant answer's share, thop's MACs
+    after / before (of the first variant that planned) and the error of a target that failed."""
+    out: dict[tuple[str, float], dict[str, Any]] = {}
+    for row in rows:
+        if row["variant"] == "original" or row.get("target_macs") is None:
+            continue
+        entry = out.setdefault(
+            (row["case"], row["target_macs"]),
+            {
+                "case": row["case"],
+                "target_macs": row["target_macs"],
+                "majority_share": row.get("majority_share"),
+            },
+        )
+        if "error" in row:
+            entry.setdefault("error", row["error"].split(" (")[0])
+            continue
+        entry.setdefault("macs_thop_ratio", row["macs_thop_ratio"])
+        entry[f"{row['variant']}_agreement"] = row["top1_agreement"]
+        entry[f"{row['variant']}_tv"] = row["output_tv"]
+    return list(out.values())
+
+
+def variant_names(config: Mapping[str, Any]) -> list[str]:
+    """The variants of a run (from its config), else those of :data:`VARIANTS`."""
+    return [v["name"] for v in config.get("variants", [])] or [v.name for v in VARIANTS]
+
+
+def fit_columns(variants: Sequence[str] = tuple(v.name for v in VARIANTS)) -> list[Column]:
+    """The columns of :func:`fit_table` for ``variants``."""
+    cols = [Column("case"), Column("target_macs", "MACs target", "g")]
+    cols.append(Column("macs_thop_ratio", f"thop after/before ({variants[0]})", ".3f"))
+    cols += [Column(f"{v}_agreement", f"agreement, {v}", ".3f") for v in variants]
+    cols.append(Column("majority_share", "constant answer", ".3f"))
+    cols += [Column(f"{v}_tv", f"output TV, {v}", ".3f") for v in variants]
+    return [*cols, Column("error")]
+
+
+def _targets(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def summary_lines(payload: Mapping[str, Any]) -> list[str]:
+    """Per case, as markdown bullets: at which MACs targets each data-fitted variant agrees with
+    the original more, as often or less than the default (``weights``), where its output TV is
+    lower, how many rows do no better than a constant answer, and the targets below the floor."""
+    table = fit_table(payload.get("rows") or [])
+    base, lines = VARIANTS[0].name, []
+    for case in dict.fromkeys(e["case"] for e in table):
+        entries = [e for e in table if e["case"] == case]
+        majority = entries[0].get("majority_share")
+        text = f"- {case}"
+        if majority is not None:
+            text += f" (a constant answer agrees on {majority:.3f})"
+        for other in (v.name for v in VARIANTS[1:]):
+            a, b = f"{other}_agreement", f"{base}_agreement"
+            pairs = [e for e in entries if a in e and b in e]
+            if not pairs:
+                continue
+            same = [e for e in pairs if e[a] == e[b]]
+            parts = [f"the same at {_targets([e['target_macs'] for e in same])}"] if same else []
+            for word, group in (
+                ("higher", [e for e in pairs if e[a] > e[b]]),
+                ("lower", [e for e in pairs if e[a] < e[b]]),
+            ):
+                shown = [f"{e['target_macs']:g} ({e[a]:.3f} against {e[b]:.3f})" for e in group]
+                parts += [f"{word} at " + ", ".join(shown)] if shown else []
+            tv = sum(e[f"{other}_tv"] < e[f"{base}_tv"] for e in pairs)
+            text += (
+                f": `{other}` against `{base}`, top-1 agreement " + "; ".join(parts)
+                + f"; output TV lower at {tv} of {len(pairs)} targets"
+            )  # fmt: skip
+        if majority is not None:
+            scores = [v for e in entries for k, v in e.items() if k.endswith("_agreement")]
+            low = sum(x <= majority for x in scores)
+            text += f". At or below the constant answer: {low} of {len(scores)} rows"
+        failed = [e for e in entries if "error" in e]
+        if failed:
+            targets = _targets([e["target_macs"] for e in failed])
+            text += f". No plan at {targets} ({failed[0]['error']})"
+        lines.append(text + ".")
+    return lines
+
+
 def render(payload: Mapping[str, Any]) -> str:
     """The markdown report, from the results file's content."""
     meta, rows = payload["meta"], payload["rows"]
@@ -409,6 +495,10 @@ def render(payload: Mapping[str, Any]) -> str:
         "output distributions. `thop` is the MAC count the plan budgets, `ptflops` the "
         "competition's (decomp.metrics.count_macs_competition). Rows with data are "
         "cross-fitted: each input is judged by a model calibrated on the other fold only.\n",
+        "## Summary\n",
+        render_table(fit_table(rows), fit_columns(variant_names(config))),
+        *summary_lines(payload),
+        "\n## Every row\n",
         render_table(rows, ROW_COLUMNS),
     ]
     for name, modes in _by_case(payload.get("evbmf", [])).items():

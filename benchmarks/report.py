@@ -6,10 +6,18 @@ and ``<!-- results:end -->``, a summary of whatever exists of
 - ``demo.json`` (``make demo``): the baseline and the decomposed model, before and after BN
   calibration and fine-tuning;
 - ``tucker_speed.json`` (``make bench-tucker``): Tucker-2 totals per method and the verdict;
+- ``cp_speed.json`` (``make bench-cp``): CP-ALS against tensorly's parafac per model (time,
+  error gaps, peak memory), the verdict, the memory and command-line limits, and what the file
+  lacks yet;
 - ``speed.json`` (``make bench-speed``): decomposition time, peak memory, MACs cut and CPU
   latency speed-ups per model and method, against the latency-efficiency goal;
+- ``latency.json`` (``make bench-latency``): latency targets per runtime, batch and target
+  (landing, speed-up, MACs cut, efficiency), the landing, efficiency and floor lines, the F1 at
+  equal measured latency, and the rows not measured yet;
 - ``quality.json`` (``make bench-quality``): baselines, the goal and budget lines, the budget
-  comparison and the Pareto plot.
+  comparison and the Pareto plot;
+- ``pretrained.json`` (``make bench-pretrained``): top-1 agreement and output TV of
+  weights-fit against outputs-fit per pretrained network and MACs target, before fine-tuning.
 
 in ``benchmarks/results/``. A file that is missing gives one "not run yet" line. Each subsection
 names its file, when and where it ran (from the file's ``meta``) and links the full markdown
@@ -38,7 +46,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_quality, bench_speed, bench_tucker  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_cp,
+    bench_latency,
+    bench_pretrained,
+    bench_quality,
+    bench_speed,
+    bench_tucker,
+)
 from benchmarks.common import (  # noqa: E402
     REPO,
     RESULTS_DIR,
@@ -230,6 +245,117 @@ def tucker_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
     ]
 
 
+def _not_yet(missing: Sequence[str]) -> list[str]:
+    """The line naming what a partial results file lacks (nothing when it lacks nothing)."""
+    return ["Not in this file yet: " + "; ".join(missing) + ".", ""] if missing else []
+
+
+def _row_span(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``rows written 2026-12-01 09:10 to 11:27 UTC`` from the rows' timestamps, if they differ."""
+    stamps = sorted(r["timestamp"] for r in rows if r.get("timestamp"))
+    if not stamps or stamps[0] == stamps[-1]:
+        return ""
+    first, last = _when(stamps[0]) or stamps[0], _when(stamps[-1]) or stamps[-1]
+    if first[:10] == last[:10]:
+        last = last[11:]
+    return f"rows written {first.removesuffix(' UTC')} to {last}"
+
+
+CP_KEYS = (
+    "model", "n_layers", "n_skipped", "n_failed", "decomp_s", "tensorly_s", "speedup",
+    "mean_err_gap_rel", "worst_err_gap_rel", "decomp_peak_mb", "tensorly_peak_mb", "meets_target",
+)  # fmt: skip
+
+
+def cp_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
+    """``bench_cp``: per model (all specs) and overall, decomp's CP-ALS against tensorly's
+    parafac; the verdict, the memory and command-line limits; what the file lacks yet."""
+    rows = result.get("rows") or []
+    totals = [s for s in result.get("summary") or [] if s.get("spec") == "all"]
+    compared = sum(r.get("status") == "ok" for r in rows)
+    skipped = [r for r in rows if r.get("status") == "skipped"]
+    extra = f"{_plural(compared, 'layer fit')} compared, {len(skipped)} skipped at rank 0"
+    if skipped:
+        extra += " (" + ", ".join(dict.fromkeys(str(r.get("spec")) for r in skipped)) + ")"
+    if span := _row_span(rows):
+        extra += f", {span}"
+    seen = {r["model"] for r in rows}
+    missing = [f"{m} (no layer measured)" for m in bench_cp.MODELS if m not in seen]
+    if not result.get("threads"):
+        missing.append("the thread-policy timings")
+    return [
+        provenance(result.get("meta", {}), ctx, "cp_speed.json", extra),
+        "",
+        render_table(totals, _keep(bench_cp.SUMMARY_COLUMNS, CP_KEYS))
+        if totals
+        else "No layer compared yet.\n",
+        bench_cp.verdict_line(result),
+        "",
+        bench_cp.limits_line(result),
+        "",
+        *_not_yet(missing),
+    ]
+
+
+def _latency_missing(result: Mapping[str, Any]) -> list[str]:
+    """Model, runtime and batch of a full run (the bench's defaults) lacking a target's row."""
+    rows = result.get("rows") or []
+    have = {(r["model"], r["runtime"], r["batch"], r["target"]) for r in rows}
+    missing = []
+    for model in bench_latency.MODELS:
+        for runtime in bench_latency.RUNTIMES:
+            for batch in bench_latency.BATCHES:
+                targets = [
+                    t for t in bench_latency.TARGETS if (model, runtime, batch, t) not in have
+                ]
+                if targets:
+                    shown = ", ".join(f"{t:g}" for t in targets)
+                    missing.append(f"{model} {runtime} b{batch} at {shown}")
+    return missing
+
+
+def latency_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
+    """``bench_latency``: per runtime, batch and target, landing and efficiency; the landing,
+    efficiency-goal, floor and F1-at-equal-latency lines; the rows not measured yet."""
+    rows = result.get("rows") or []
+    table = bench_latency.summary_table(rows)
+    ok = sum(r.get("status") == "ok" for r in rows)
+    extra = f"{_plural(ok, 'planned row')}, {len(rows) - ok} below the floor"
+    extra += f", {_plural(len(result.get('f1') or []), 'F1 row')}"
+    missing = _latency_missing(result)
+    if not result.get("f1"):
+        missing.append("the F1 comparison")
+    return [
+        provenance(result.get("meta", {}), ctx, "latency.json", extra),
+        "",
+        render_table(table, bench_latency.SUMMARY_COLUMNS) if table else "No rows yet.\n",
+        *bench_latency.summary_lines(result),
+        "",
+        *_not_yet(missing),
+    ]
+
+
+def pretrained_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
+    """``bench_pretrained``: per network and MACs target, weights-fit against outputs-fit
+    (top-1 agreement with the original and output TV, before fine-tuning), the lines per case."""
+    rows = result.get("rows") or []
+    images = {r["case"]: r.get("images") for r in rows if r.get("variant") == "original"}
+    extra = ", ".join(f"{c} ({n} images)" if n else c for c, n in images.items())
+    table = bench_pretrained.fit_table(rows)
+    config = result.get("meta", {}).get("config", {})
+    columns = bench_pretrained.fit_columns(bench_pretrained.variant_names(config))
+    seen = {r["case"] for r in rows}
+    missing = [c for c in bench_pretrained.CASES if c not in seen]
+    return [
+        provenance(result.get("meta", {}), ctx, "pretrained.json", extra),
+        "",
+        render_table(table, columns) if table else "No compressed rows yet.\n",
+        *bench_pretrained.summary_lines(result),
+        "",
+        *_not_yet(missing),
+    ]
+
+
 def _yes_no(value: Any) -> str:
     return "yes" if value else "no"
 
@@ -289,8 +415,13 @@ SECTIONS: list[tuple[str, str, str, Renderer]] = [
     ("Demo: ResNet-18 on Fashion-MNIST", "demo.json", "demo", demo_section),
     ("Tucker-2 speed against tensorly and tensorly-torch", "tucker_speed.json", "bench-tucker",
      tucker_section),
+    ("CP-ALS speed against tensorly's parafac", "cp_speed.json", "bench-cp", cp_section),
     ("Decomposition cost and CPU latency", "speed.json", "bench-speed", speed_section),
+    ("Latency targets: landing, efficiency, F1 at equal latency", "latency.json",
+     "bench-latency", latency_section),
     ("Macro F1 against MACs", "quality.json", "bench-quality", quality_section),
+    ("Pretrained networks before fine-tuning: weights-fit against outputs-fit",
+     "pretrained.json", "bench-pretrained", pretrained_section),
 ]  # fmt: skip
 """(heading, results file, make target, renderer) per subsection, in README order."""
 
