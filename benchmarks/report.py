@@ -190,10 +190,12 @@ def demo_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
     if dec:
         method = METHOD_NAMES.get(config.get("method"), config.get("method"))
         sizes = {k: dec.get(k) for k in ("macs", "macs_competition", "params")}
+        budget = config.get("target_macs")
+        ranks = f"MACs budget {budget:g}" if budget else f"`{config.get('rank')}`"
         rows.append(
             {
                 **sizes,
-                "label": f"{method}, `{config.get('rank')}`, before BN calibration",
+                "label": f"{method}, {ranks}, before BN calibration",
                 "f1": dec.get("f1_before_calibration"),
             }
         )
@@ -206,7 +208,9 @@ def demo_section(result: Mapping[str, Any], ctx: Context) -> list[str]:
     total = result.get("timings", {}).get("total")
     machine = result.get("machine", {})
     meta = {"machine": machine, "timestamp": machine.get("timestamp"), **result.get("meta", {})}
-    extra = f"total wall time {total / 60:.0f} min" if total else ""
+    extra = f"total wall time {total / 60:.1f} min" if total else ""
+    if result.get("baseline", {}).get("reused"):
+        extra += " (baseline reused from an earlier run)"
     if result.get("status") not in (None, "done"):
         extra = f"status {result['status']}" + (f", {extra}" if extra else "")
     lines = [provenance(meta, ctx, "demo.json", extra), "", render_table(rows, DEMO_COLUMNS)]

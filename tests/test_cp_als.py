@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from decomp import _tensorly
+import decomp
+from decomp._tensorly import parafac
 from decomp.factorize import CPDivergenceError, cp_factors, linalg
-from decomp.factorize.cp_als import cp_als
+from decomp.factorize.cp_als import cp_als, reporting_sweeps
 
 cp_module = sys.modules["decomp.factorize.cp"]  # the name ``cp`` is the factorizer function
 
@@ -91,7 +92,7 @@ def test_error_falls_as_rank_grows():
 )
 def test_error_no_worse_than_tensorly(dims, rank):
     weight = random_kernel(dims, seed=sum(dims))
-    weights, factors = _tensorly.parafac(weight, rank)
+    weights, factors = parafac(weight, rank)
     theirs = rel_error(weight, torch.einsum("r,or,ir,hr,wr->oihw", weights, *factors))
     ours = rel_error(weight, cp_factors(weight, rank).reconstruct())
     assert ours <= theirs * 1.002, (ours, theirs)
@@ -131,6 +132,27 @@ def test_progress_hook_sees_every_sweep():
     assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] == pytest.approx(error)
     assert errors[-1] == pytest.approx(rel_error(weight, cp_factors(weight, 4, 30).reconstruct()))
+
+
+def test_an_enclosing_reporter_sees_the_sweeps_of_a_whole_model():
+    """How the command line shows CP's error: decomp.decompose knows nothing of sweeps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 12, 3), torch.nn.ReLU(), torch.nn.Conv2d(12, 16, 3)
+    )
+    seen: list[tuple[int, float]] = []
+    with reporting_sweeps(lambda k, e: seen.append((k, e))):
+        decomp.decompose(model, "cp", 4, (3, 12, 12), force=True)
+    restarts = [i for i, (k, _) in enumerate(seen) if k == 1]
+    assert restarts[0] == 0 and len(restarts) == 2  # one run per conv, sweeps from 1
+    assert all(0 < e < 1 for _, e in seen)
+    own: list[int] = []
+    with reporting_sweeps(lambda k, e: seen.append((k, e))):
+        before = len(seen)
+        cp_als(random_kernel((16, 12, 3, 3)), 4, n_iter_max=5, progress=lambda k, e: own.append(k))
+    assert own and len(seen) == before  # a run's own progress wins
+    cp_als(random_kernel((16, 12, 3, 3)), 4, n_iter_max=5)
+    assert len(seen) == before  # and the reporter is gone after the block
 
 
 def test_tol_stops_early():

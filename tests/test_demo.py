@@ -16,7 +16,7 @@ from decomp.checkpoint import load, model_meta
 from decomp.cli.render import demo_table, evaluation_table
 from decomp.data import load_data, make_loader
 from decomp.data.fashion_mnist import TensorImageDataset
-from decomp.demo import DEFAULT_RECIPE, RECIPES, TARGETS, demo_config, run_demo
+from decomp.demo import DEFAULT_RECIPE, RECIPES, TARGET_MACS_RATIO, TARGETS, demo_config, run_demo
 from decomp.evaluate import val_f1
 from decomp.recipes import baseline_config
 from decomp.recipes.training import without_augmentation
@@ -42,7 +42,7 @@ def _demo(out: Path, digits: Path, **more) -> dict:
         out,
         epochs=1,
         finetune_epochs=1,
-        rank="ratio:0.5",
+        rank=more.pop("rank", "ratio:0.5"),
         data=str(digits),
         arch="tests.conftest:tiny_net",
         arch_kwargs={"in_channels": 1},
@@ -148,19 +148,29 @@ def _check_records(saved: dict, events: list[tuple[str, int, int | None]]) -> No
     )
 
 
+def test_a_macs_budget_halves_the_macs(digits, tmp_path) -> None:
+    results = _demo(tmp_path / "demo", digits, rank=None, target_macs=0.5)
+    assert results["config"]["target_macs"] == 0.5
+    ratio = results["decomposed"]["macs"] / results["baseline"]["macs"]
+    assert 0.4 < ratio <= 0.5 and results["summary"]["targets"]["macs_at_most_half"]
+
+
 def test_recipes_give_the_demo_its_settings() -> None:
     quick, full = demo_config("quick"), demo_config("full")
-    assert (quick.epochs, quick.augment, quick.rank, quick.finetune_epochs) == (
+    assert (quick.epochs, quick.augment, quick.target_macs, quick.finetune_epochs) == (
         4,
         False,
-        "vbmf:0.5",
+        TARGET_MACS_RATIO,
         2,
     )
     assert (full.epochs, full.augment, full.rank, full.finetune_epochs) == (12, True, "vbmf:0.6", 2)
+    assert full.target_macs is None
     assert demo_config().recipe == DEFAULT_RECIPE == "quick"
     mixed = demo_config("quick", epochs=6, augment=True, rank=None, seed=3)
-    assert (mixed.epochs, mixed.augment, mixed.rank, mixed.seed) == (6, True, "vbmf:0.5", 3)
-    assert demo_config("full", rank="ratio:0.5").rank == "ratio:0.5"
+    assert (mixed.epochs, mixed.augment, mixed.target_macs, mixed.seed) == (6, True, 0.5, 3)
+    ranked = demo_config("quick", rank="ratio:0.5")  # a rank given replaces the recipe's budget
+    assert (ranked.rank, ranked.target_macs) == ("ratio:0.5", None)
+    assert demo_config("full", target_macs=0.3).target_macs == 0.3
     with pytest.raises(
         ValueError, match=r"unknown recipe 'fast'; expected one of \['full', 'quick'\]"
     ):
@@ -229,3 +239,6 @@ def test_demo_command_passes_the_recipe_and_shows_times_and_targets(monkeypatch,
     assert "baseline F1 at least 0.91: met" in result.output
     bad = CliRunner().invoke(app, ["demo", "--recipe", "fast"])
     assert bad.exit_code == 2
+    budget = CliRunner().invoke(app, ["demo", "--target-macs", "0.3", "--output-dir", str(out)])
+    assert budget.exit_code == 0 and calls[-1][1]["target_macs"] == 0.3
+    assert CliRunner().invoke(app, ["demo", "--target-macs", "1.5"]).exit_code == 2

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from decomp import _tensorly
+from decomp._tensorly import partial_tucker
 from decomp.factorize import (
     CPDivergenceError,
     Factorized,
@@ -18,7 +18,7 @@ from decomp.factorize import (
     tucker2,
     tucker2_factors,
 )
-from decomp.factorize.cp import CPFactors, _check_divergence
+from decomp.factorize.cp import CPFactors, check_divergence
 from decomp.metrics import count_macs
 
 CONV_CASES = {
@@ -165,7 +165,7 @@ def test_tucker_error_no_worse_than_tensorly(shape, ranks):
     torch.manual_seed(0)
     weight = torch.randn(*shape)
     ranks = ranks or [shape[0] // 2, shape[1] // 2]
-    core, (a, b) = _tensorly.partial_tucker(weight, ranks, modes=[0, 1])
+    core, (a, b) = partial_tucker(weight, ranks, modes=[0, 1])
     theirs = rel_error(weight, torch.einsum("or,rshw,is->oihw", a, core, b))
     ours = rel_error(weight, tucker2_factors(weight, tuple(ranks)).reconstruct())
     assert ours <= theirs + 1e-6, (ours, theirs)
@@ -216,10 +216,10 @@ def test_cp_divergence_is_detected():
         horizontal=torch.ones(3, 4),
     )
     with pytest.raises(CPDivergenceError):
-        _check_divergence(degenerate, weight)
+        check_divergence(degenerate, weight)
     nan = CPFactors(*(torch.full((d, 2), float("nan")) for d in (4, 4, 3, 3)))
     with pytest.raises(CPDivergenceError):
-        _check_divergence(nan, weight)
+        check_divergence(nan, weight)
 
 
 @settings(max_examples=25, deadline=None)

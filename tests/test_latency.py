@@ -243,6 +243,14 @@ def test_cuda_profile_uses_cuda_events():
     assert out["device"] == "cuda" and out["speedup"] > 0
 
 
+def test_bench_latency_judges_landing_by_the_plans_promise():
+    from benchmarks.bench_latency import LANDING_WINDOW
+    from decomp.plan.latency_budget import ACCEPTED, LANDING, LANDING_AIM
+
+    assert LANDING_WINDOW == ACCEPTED
+    assert ACCEPTED[0] < LANDING[0] < LANDING_AIM < LANDING[1] < ACCEPTED[1]
+
+
 def test_bench_latency_renders_its_rows():
     from benchmarks.bench_latency import render_markdown
 

@@ -137,3 +137,20 @@ def test_auto_is_a_policy_over_the_registry() -> None:
     methods = {lp.name: lp.method for lp in p.layers}
     assert methods["conv1"] == "tucker" and methods["down"] == "svd" and methods["fc"] == "svd"
     assert registry.names()[:2] == ["tucker", "svd"] and registry.choices()[-1] == "auto"
+
+
+def test_the_command_line_offers_a_registered_method(toy: Method, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decomp.cli import app
+
+    source = decomp.save(tiny(), tmp_path / "tiny.pt", arch="tests.conftest:TinyNet")
+    target = tmp_path / "tiny_toy.pt"
+    args = ["decompose", str(source), "--input-size", "3,16,16", "-o", str(target)]
+    result = CliRunner().invoke(app, [*args, "--method", "toy", "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    assert isinstance(decomp.load(target).fc, HalfLinear)
+    registry.unregister("toy")  # gone from the registry, gone from the command line
+    refused = CliRunner().invoke(app, [*args, "--method", "toy", "--force"])
+    assert refused.exit_code == 2 and "unknown method 'toy'" in refused.output
+    registry.register(ToyMethod())  # for the fixture's teardown

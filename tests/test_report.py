@@ -437,3 +437,12 @@ def test_readme_without_markers_is_a_clear_error(
     assert report.main(args) == 2
     assert "needs one line <!-- results:begin -->" in capsys.readouterr().err
     assert tree["readme"].read_text() == text
+
+
+def test_demo_section_names_a_macs_budget_and_a_reused_baseline(tree: dict[str, Path]) -> None:
+    demo = _demo()
+    demo["config"]["target_macs"] = 0.5
+    demo["baseline"]["reused"] = True
+    text = "\n".join(report.demo_section(demo, report.Context(tree["results"], tree["readme"])))
+    assert "| Tucker-2, MACs budget 0.5, before BN calibration | 0.9185" in text
+    assert "total wall time 10.0 min (baseline reused from an earlier run)" in text

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from decomp import _utils
 from decomp._utils import (
     atomic_write,
     atomic_write_text,
@@ -144,4 +143,4 @@ def test_plain_is_strict_json() -> None:
     }
     assert plain(value) == {"1": [0.5, 2, None], "p": "a/b", "arr": [0, 1, 2], "inf": None}
     assert json.loads(json.dumps(plain(value), allow_nan=False)) == plain(value)
-    assert _utils.plain(True) is True
+    assert plain(True) is True

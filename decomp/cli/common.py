@@ -23,6 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from decomp import checkpoint
+from decomp.data import NORMALIZATIONS, Preprocessing, parse_preprocessing, recorded_preprocessing
+from decomp.factorize import registry
+from decomp.plan import FITS
 from decomp.recipes import DEFAULT_RANK
 from decomp.tltorch import from_tltorch
 
@@ -43,16 +46,25 @@ out = _make_console()
 err = _make_console(stderr=True)
 
 
-class Method(StrEnum):
-    """The ``--method`` choices of ``decompose`` and ``demo``."""
+def parse_method(value: str) -> str:
+    """A ``--method`` value: a method of the registry (read when the command runs, so a method
+    registered by a plug-in counts) or ``auto``; a usage error listing the choices otherwise."""
+    try:
+        return registry.check_choice(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
-    tucker = "tucker"
-    cp = "cp"
-    svd = "svd"
-    auto = "auto"
+
+def method_option(help: str) -> Any:
+    """The ``--method/-m`` option, checked against the method registry by :func:`parse_method`."""
+    return typer.Option(
+        "--method", "-m", parser=parse_method, metavar="METHOD", help=help, show_default=False
+    )
 
 
 # ---------------------------------------------------------------------------- option types
+
+Fit = StrEnum("Fit", {name: name for name in FITS})
 
 ModelArg = Annotated[
     Path,
@@ -124,6 +136,68 @@ ModelOutputOpt = Annotated[
         "index or a key). Default: the first.",
     ),
 ]
+# ---------------------------------------------------- how data is read (preprocessing, split)
+
+Normalize = StrEnum("Normalize", {name: name for name in NORMALIZATIONS})
+
+_RECORDED = "Default: what the model's file records, else"
+NormalizeOpt = Annotated[
+    Normalize | None,
+    typer.Option(
+        "--normalize",
+        help="Pixel normalization: imagenet (ImageNet's mean and std), unit (pixels in [0, 1]) "
+        f"or minus-one-one ([-1, 1]). {_RECORDED} the data's own (ImageNet's for a folder).",
+        show_default=False,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean",
+        metavar="M[,M,M]",
+        help="Per-channel mean of pixels in [0, 1], instead of --normalize, e.g. 0.5,0.5,0.5.",
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option("--std", metavar="S[,S,S]", help="Per-channel std, with --mean."),
+]
+ResizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resize",
+        metavar="squash|crop[:F]",
+        help="How a folder's images meet the input size: squash (resize to H x W) or crop "
+        "(keep the aspect ratio, resize to cover H x W / F, take the centre; F = 0.875, "
+        f"ImageNet's 224 of 256). {_RECORDED} squash.",
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        metavar="F|N",
+        help="For a folder without val/: hold out this fraction (0.2) or count (500) of its "
+        "images for validation (stratified, seeded).",
+    ),
+]
+
+
+def preprocessing_options(
+    model: nn.Module | None,
+    normalize: Normalize | None,
+    mean: str | None,
+    std: str | None,
+    resize: str | None,
+) -> Preprocessing | None:
+    """The preprocessing options over what ``model``'s file records (None: neither)."""
+    base = None if model is None else recorded_preprocessing(model)
+    name = None if normalize is None else normalize.value
+    return parse_preprocessing(name, mean, std, resize, base=base)
+
+
+# ------------------------------------------------------------------------------ output
+
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")
 ]

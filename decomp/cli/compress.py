@@ -15,19 +15,25 @@ from decomp.arch import describe_arch
 from decomp.cli.common import (
     ArchKwargsOpt,
     ArchOpt,
+    Fit,
     InputSizeOpt,
     JsonOpt,
-    Method,
+    MeanOpt,
     ModelArg,
     ModelOutputOpt,
+    NormalizeOpt,
     RankOpt,
+    ResizeOpt,
+    StdOpt,
     TrustPickleOpt,
     VerboseOpt,
     command,
     forward_hint,
     input_size_of,
     load_model,
+    method_option,
     out,
+    preprocessing_options,
     print_json,
     progress_bar,
     say,
@@ -35,9 +41,9 @@ from decomp.cli.common import (
 )
 from decomp.cli.latency import BatchOpt, Runtime, RuntimeOpt, TableOpt, table_path
 from decomp.cli.render import inspect_table, methods_table, num, plan_table, size_text, totals_line
-from decomp.cli.training import MeanOpt, NormalizeOpt, ResizeOpt, StdOpt, preprocessing_options
 from decomp.export import export
-from decomp.plan import FITS, Plan, method_choices
+from decomp.factorize import reporting_sweeps
+from decomp.plan import Plan, method_choices
 from decomp.recipes import (
     CALIBRATION_BATCHES,
     DEFAULT_METHOD,
@@ -52,9 +58,6 @@ from rank_selection import parse_rank_spec
 class ExportFormat(StrEnum):
     onnx = "onnx"
     torchscript = "torchscript"
-
-
-Fit = StrEnum("Fit", {name: name for name in FITS})
 
 
 # ---------------------------------------------------------------------------- decompose
@@ -82,9 +85,10 @@ def _check_plan_conflicts(**given: Any) -> None:
         )
 
 
-class _Shown:
+class PlanDisplay:
     """Renders :func:`decomp.recipes.compress` as it goes: the plan table once the plan is made,
-    then a progress bar over the layers, closed after the last one (before calibration)."""
+    then a progress bar over the layers, closed after the last one (before calibration); CP
+    layers show their ALS sweep and relative error as they go."""
 
     def __init__(self, json_output: bool, dry_run: bool) -> None:
         self.json_output, self.dry_run = json_output, dry_run
@@ -100,13 +104,21 @@ class _Shown:
             self.bar = self.stack.enter_context(progress_bar())
             self.bar.add_task(f"{p.method}: {self.names[0]}", total=len(self.names))
             self.method = p.method
+            self.stack.enter_context(reporting_sweeps(self.sweep))
+
+    def _current(self) -> str:
+        done = int(self.bar.tasks[0].completed)
+        return self.names[done] if done < len(self.names) else "done"
 
     def step(self, name: str) -> None:
-        done = int(self.bar.tasks[0].completed) + 1
-        label = self.names[done] if done < len(self.names) else "done"
-        self.bar.update(self.bar.task_ids[0], advance=1, description=f"{self.method}: {label}")
-        if done == len(self.names):
+        self.bar.update(self.bar.task_ids[0], advance=1)
+        self.bar.update(self.bar.task_ids[0], description=f"{self.method}: {self._current()}")
+        if self.bar.tasks[0].completed == len(self.names):
             self.stack.close()
+
+    def sweep(self, sweep: int, error: float) -> None:
+        text = f"{self.method}: {self._current()}, CP sweep {sweep}, error {error:.4f}"
+        self.bar.update(self.bar.task_ids[0], description=text)
 
 
 def _calibration_line(done: dict[str, int]) -> str:
@@ -157,13 +169,10 @@ def _size_mb(path: Path) -> str:
 def decompose_command(
     model: ModelArg,
     method: Annotated[
-        Method | None,
-        typer.Option(
-            "--method",
-            "-m",
-            help="tucker (kxk convs), cp (kxk convs), svd (linear and 1x1 convs), or auto "
-            "(tucker for kxk, svd for the rest). Default: tucker.",
-            show_default=False,
+        str | None,
+        method_option(
+            "tucker (kxk convs), cp (kxk convs), svd (linear and 1x1 convs), another registered "
+            "method, or auto (tucker for kxk, svd for the rest). Default: tucker."
         ),
     ] = None,
     rank: RankOpt = None,
@@ -293,7 +302,7 @@ def decompose_command(
             raise ValueError("--weigh-layers needs --target-macs and --data")
         _check_data_options(data, fit, normalize, mean, std, resize)
         checkpoint.check_input_path(model)
-        name = fixed.method if fixed else (method.value if method else DEFAULT_METHOD)
+        name = fixed.method if fixed else (method or DEFAULT_METHOD)
         target = None
         if not dry_run:
             target = output or model.with_name(f"{model.stem}_{name}.pt")
@@ -302,7 +311,7 @@ def decompose_command(
         if fixed is None:
             size = input_size_of(size, net, model)
         prep = preprocessing_options(net, normalize, mean, std, resize)
-        shown = _Shown(json_output, dry_run)
+        shown = PlanDisplay(json_output, dry_run)
         with shown.stack:
             result = forward_hint(
                 lambda: compress(

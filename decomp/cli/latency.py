@@ -18,7 +18,6 @@ from decomp.cli.common import (
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
-    Method,
     ModelArg,
     TrustPickleOpt,
     VerboseOpt,
@@ -26,10 +25,12 @@ from decomp.cli.common import (
     forward_hint,
     input_size_of,
     load_model,
+    method_option,
     out,
     print_json,
     status,
 )
+from decomp.factorize.registry import AUTO
 from decomp.latency import LatencyTable, layer_signature, profile
 
 TABLE_DIR = Path("runs") / "latency"
@@ -85,8 +86,8 @@ def profile_command(
     batch: BatchOpt = 1,
     threads: ThreadsOpt = None,
     method: Annotated[
-        Method, typer.Option("--method", "-m", help="The method whose ranks are timed.")
-    ] = Method.auto,
+        str, method_option("The method whose ranks are timed. [default: auto]")
+    ] = AUTO,
     input_size: InputSizeOpt = None,
     table: TableOpt = None,
     exclude: Annotated[
@@ -99,8 +100,10 @@ def profile_command(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Time every eligible layer dense and factorized at a few ranks; write a latency table
-    that decompose --target-latency reuses."""
+    """Time each eligible layer dense and factorized at a few ranks, for --target-latency.
+
+    The latency table it writes is what decompose --target-latency --latency-table reuses.
+    """
     with command(verbose):
         size = parse_input_size(input_size)
         checkpoint.check_input_path(model)
@@ -111,7 +114,7 @@ def profile_command(
             result = forward_hint(
                 lambda: profile(
                     net,
-                    method.value,
+                    method,
                     size,
                     runtime=runtime.value,
                     device=device.value,
@@ -122,7 +125,7 @@ def profile_command(
                 ),
                 size,
             )
-        rows = _rows(result, net, method.value, size, exclude or [])
+        rows = _rows(result, net, method, size, exclude or [])
         if json_output:
             print_json(
                 {

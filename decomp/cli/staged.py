@@ -3,7 +3,6 @@ re-estimation and distillation, N times; see :mod:`decomp.recipes.staged`)."""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +13,9 @@ from decomp._utils import parse_input_size
 from decomp.cli.common import (
     ArchKwargsOpt,
     ArchOpt,
+    Fit,
     InputSizeOpt,
     JsonOpt,
-    Method,
     ModelArg,
     TrustPickleOpt,
     VerboseOpt,
@@ -24,6 +23,7 @@ from decomp.cli.common import (
     err,
     input_size_of,
     load_model,
+    method_option,
     out,
     print_json,
     say,
@@ -38,9 +38,6 @@ from decomp.recipes import (
     StagedResult,
     compress_in_stages,
 )
-
-_DEFAULT_METHOD = Method(STAGED_METHOD)
-Fit = StrEnum("Fit", {name: name for name in ("outputs", "weights")})
 
 
 def compress_command(
@@ -100,9 +97,9 @@ def compress_command(
         typer.Option("--resume", help="Continue a killed run from PATH.stages.json."),
     ] = False,
     method: Annotated[
-        Method,
-        typer.Option("--method", "-m", help="auto: Tucker-2 for kxk convs, SVD for the rest."),
-    ] = _DEFAULT_METHOD,
+        str,
+        method_option(f"auto: Tucker-2 for kxk, SVD for the rest. [default: {STAGED_METHOD}]"),
+    ] = STAGED_METHOD,
     fit: Annotated[
         Fit,
         typer.Option(
@@ -140,7 +137,7 @@ def compress_command(
                 stages=stages,
                 epochs_per_stage=epochs_per_stage,
                 teacher=teacher_net,
-                method=method.value,
+                method=method,
                 fit=fit.value,
                 resume=resume,
                 input_size=size,

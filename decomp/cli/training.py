@@ -1,5 +1,4 @@
-"""The commands that train or measure: ``train``, ``finetune``, ``evaluate`` and ``demo``; the
-options that say how data is read (preprocessing, validation split), shared with ``decompose``."""
+"""The commands that train or measure: ``train``, ``finetune``, ``evaluate`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch import nn
 
 from decomp import checkpoint
 from decomp._utils import parse_input_size
@@ -27,27 +25,29 @@ from decomp.cli.common import (
     DataOpt,
     InputSizeOpt,
     JsonOpt,
-    Method,
+    MeanOpt,
     ModelArg,
     ModelOutputOpt,
+    NormalizeOpt,
+    ResizeOpt,
+    StdOpt,
     TrustPickleOpt,
+    ValSplitOpt,
     VerboseOpt,
     add_cwd_to_path,
     command,
     err,
     input_size_of,
     load_model,
+    method_option,
     out,
+    preprocessing_options,
     print_json,
     say,
 )
 from decomp.cli.render import demo_table, evaluation_table
 from decomp.data import (
-    NORMALIZATIONS,
-    Preprocessing,
     load_data,
-    parse_preprocessing,
-    recorded_preprocessing,
 )
 from decomp.demo import (
     DEFAULT_RECIPE,
@@ -74,67 +74,8 @@ from rank_selection import parse_rank_spec
 
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Training epochs.")]
 _INPUT_SIZE_TEXT = ",".join(map(str, DEFAULT_INPUT_SIZE))
-_DEMO_METHOD = Method(DEMO_METHOD)
 Recipe = StrEnum("Recipe", {name: name for name in RECIPES})
 _DEFAULT_RECIPE = Recipe(DEFAULT_RECIPE)
-Normalize = StrEnum("Normalize", {name: name for name in NORMALIZATIONS})
-
-# ----------------------------------------------------------------------- data options
-
-_RECORDED = "Default: what the model's file records, else"
-NormalizeOpt = Annotated[
-    Normalize | None,
-    typer.Option(
-        "--normalize",
-        help="Pixel normalization: imagenet (ImageNet's mean and std), unit (pixels in [0, 1]) "
-        f"or minus-one-one ([-1, 1]). {_RECORDED} the data's own (ImageNet's for a folder).",
-        show_default=False,
-    ),
-]
-MeanOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--mean",
-        metavar="M[,M,M]",
-        help="Per-channel mean of pixels in [0, 1], instead of --normalize, e.g. 0.5,0.5,0.5.",
-    ),
-]
-StdOpt = Annotated[
-    str | None,
-    typer.Option("--std", metavar="S[,S,S]", help="Per-channel std, with --mean."),
-]
-ResizeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--resize",
-        metavar="squash|crop[:F]",
-        help="How a folder's images meet the input size: squash (resize to H x W) or crop "
-        "(keep the aspect ratio, resize to cover H x W / F, take the centre; F = 0.875, "
-        f"ImageNet's 224 of 256). {_RECORDED} squash.",
-    ),
-]
-ValSplitOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--val-split",
-        metavar="F|N",
-        help="For a folder without val/: hold out this fraction (0.2) or count (500) of its "
-        "images for validation (stratified, seeded).",
-    ),
-]
-
-
-def preprocessing_options(
-    model: nn.Module | None,
-    normalize: Normalize | None,
-    mean: str | None,
-    std: str | None,
-    resize: str | None,
-) -> Preprocessing | None:
-    """The preprocessing options over what ``model``'s file records (None: neither)."""
-    base = None if model is None else recorded_preprocessing(model)
-    name = None if normalize is None else normalize.value
-    return parse_preprocessing(name, mean, std, resize, base=base)
 
 
 def _val_split(value: float | None) -> float | int | None:
@@ -171,8 +112,10 @@ def train_command(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a baseline from scratch and save it as a decomp file (input size, class names,
-    preprocessing)."""
+    """Train a baseline from scratch and save it as a decomp file.
+
+    The file records the input size, the class names and the preprocessing.
+    """
     with command(verbose):
         size = parse_input_size(input_size)
         prep = preprocessing_options(None, normalize, mean, std, resize)
@@ -377,10 +320,22 @@ def demo_command(
             "--finetune-epochs", min=0, help="Distillation epochs (default: the recipe's)."
         ),
     ] = None,
-    method: Annotated[Method, typer.Option("--method", "-m")] = _DEMO_METHOD,
+    method: Annotated[str, method_option(f"[default: {DEMO_METHOD}]")] = DEMO_METHOD,
     rank: Annotated[
         str | None,
-        typer.Option("--rank", metavar="SPEC", help="Tucker-2 ranks (default: the recipe's)."),
+        typer.Option(
+            "--rank", metavar="SPEC", help="Tucker-2 ranks instead of the recipe's MACs budget."
+        ),
+    ] = None,
+    target_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--target-macs",
+            metavar="F",
+            min=0.0,
+            max=1.0,
+            help="MACs budget, a fraction of the baseline's (default: the recipe's).",
+        ),
     ] = None,
     retrain: Annotated[
         bool, typer.Option("--retrain", help="Train the baseline again even if one is cached.")
@@ -404,10 +359,11 @@ def demo_command(
                 epochs,
                 finetune_epochs,
                 rank,
-                method.value,
+                method,
                 recipe=recipe.value,
                 retrain=retrain,
                 progress=bars,
+                **({} if target_macs is None else {"target_macs": target_macs}),
             )
         if json_output:
             print_json(results)

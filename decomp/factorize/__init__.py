@@ -9,6 +9,7 @@ is what the plan, the budget, loading and the command line use.
 from decomp.factorize import registry
 from decomp.factorize.base import Factorized
 from decomp.factorize.cp import CPConv2d, CPDivergenceError, build_cp, cp, cp_factors
+from decomp.factorize.cp_als import reporting_sweeps
 from decomp.factorize.registry import Method, RankGrid, register
 from decomp.factorize.svd import SVDConv2d, SVDLinear, build_svd, svd, svd_factors
 from decomp.factorize.tucker import TuckerConv2d, build_tucker2, tucker2, tucker2_factors
@@ -28,6 +29,7 @@ __all__ = [
     "cp",
     "cp_factors",
     "register",
+    "reporting_sweeps",
     "registry",
     "svd",
     "svd_factors",

@@ -69,7 +69,7 @@ def _balanced(factors: list[Tensor]) -> list[Tensor]:
     return [f / n.clamp_min(tiny) * scale for f, n in zip(factors, norms, strict=True)]
 
 
-def _check_divergence(factors: CPFactors, weight: Tensor) -> float:
+def check_divergence(factors: CPFactors, weight: Tensor) -> float:
     """Relative error of the factors; raise CPDivergenceError on a degenerate solution."""
     term_norms = (
         factors.out.norm(dim=0)
@@ -128,7 +128,7 @@ def cp_factors(
             )
             balanced = _balanced(factors)
             try:
-                error = _check_divergence(CPFactors(*balanced), w)
+                error = check_divergence(CPFactors(*balanced), w)
             except CPDivergenceError as exc:
                 if not ridge:
                     logger.warning("%s; retrying with a ridge penalty", exc)

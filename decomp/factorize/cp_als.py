@@ -30,9 +30,11 @@ Everything runs in the kernel's dtype (at least float32), the R x R solves in fl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -42,6 +44,21 @@ from decomp.factorize.linalg import solver_threads, top_eigvecs
 Progress = Callable[[int, float], None]
 """``progress(sweep, rel_error)``: called after every ALS sweep (1, 2, ... across the core and
 the refinement phase) with the relative error of the full kernel at that point."""
+
+_REPORT_TO: ContextVar[Progress | None] = ContextVar("decomp_cp_sweeps", default=None)
+
+
+@contextlib.contextmanager
+def reporting_sweeps(progress: Progress) -> Iterator[None]:
+    """Within the block, every :func:`cp_als` run given no ``progress`` of its own reports its
+    sweeps to ``progress``: how a command line shows CP's error as it goes, through
+    :func:`decomp.apply` and the workflows, which know nothing of sweeps."""
+    token = _REPORT_TO.set(progress)
+    try:
+        yield
+    finally:
+        _REPORT_TO.reset(token)
+
 
 COMPRESS_SHARE = 0.25
 """Compress when the core keeps at most this share of the Cout x Cin channel pairs. On random
@@ -229,7 +246,8 @@ def cp_als(
         n_iter_max: most sweeps on the compressed core, and again on the full kernel.
         tol: stop a phase when a sweep lowers the relative error by less than this.
         ridge: Tikhonov weight relative to ||W||^2 (0: plain least squares).
-        progress: ``progress(sweep, rel_error)`` after every sweep (see :data:`Progress`).
+        progress: ``progress(sweep, rel_error)`` after every sweep (see :data:`Progress`);
+            default: the one of an enclosing :func:`reporting_sweeps`, if any.
 
     Returns:
         ``([A (Cout, R), B (Cin, R), C (kh, R), D (kw, R)], rel_error)``, in the tensor's dtype;
@@ -242,6 +260,7 @@ def cp_als(
     w = tensor.detach() / norm  # unit norm: the ridge and the thresholds are scale-free
     generator = torch.Generator().manual_seed(0)
     sweeps = itertools.count(1)
+    progress = progress or _REPORT_TO.get()
 
     def tick(error: float) -> None:
         if progress is not None:

@@ -47,7 +47,8 @@ Stage = Callable[[str], contextlib.AbstractContextManager[Any]]
 """Wraps a slow stage of :func:`compress` (``stage("planning")``), e.g. to show a spinner."""
 
 
-def _no_stage(text: str) -> contextlib.AbstractContextManager[Any]:
+def no_stage(text: str) -> contextlib.AbstractContextManager[Any]:
+    """The default :data:`Stage`: shows nothing."""
     return contextlib.nullcontext()
 
 
@@ -152,7 +153,7 @@ def compress(
     dry_run: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     progress: Callable[[str], None] | None = None,
-    stage: Stage = _no_stage,
+    stage: Stage = no_stage,
     source: PathLike | None = None,
 ) -> CompressResult:
     """Compress a model (or a model file) and save it as a decomp file, atomically.
@@ -301,7 +302,7 @@ def inspect_model(
     input_size: Sequence[int],
     rank: str = DEFAULT_RANK,
     methods: Sequence[str] | None = None,
-    stage: Stage = _no_stage,
+    stage: Stage = no_stage,
 ) -> dict[str, Any]:
     """What every method would do to each layer of ``model``, and the model's costs.
 

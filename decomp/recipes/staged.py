@@ -55,11 +55,11 @@ from decomp.metrics import count_macs, count_params
 from decomp.plan import apply
 from decomp.plan import plan as make_plan
 from decomp.plan.budget import parse_macs_target
-from decomp.recipes.compression import CALIBRATION_BATCHES, Stage, _no_stage
+from decomp.recipes.compression import CALIBRATION_BATCHES, Stage, no_stage
 from decomp.recipes.training import (
     DEFAULT_INPUT_SIZE,
     FINETUNE_LR,
-    _as_model,
+    as_model,
     finetune,
     load_bundle,
     without_augmentation,
@@ -306,7 +306,7 @@ def compress_in_stages(
     progress: bool = False,
     max_stages_this_run: int | None = None,
     on_stage: Callable[[StageRecord], None] | None = None,
-    stage: Stage = _no_stage,
+    stage: Stage = no_stage,
     **train_options: Any,
 ) -> StagedResult:
     """Compress ``model`` to ``target_macs`` in ``stages`` rounds of decomposition, batch-norm
@@ -355,7 +355,7 @@ def compress_in_stages(
     source = _source_of(model)
     check_output_path(output, source)
     _State.check(state_path(output), resume)
-    net = _as_model(model)
+    net = as_model(model)
     arch_ref = arch or model_arch(net)
     if arch_ref is None:
         raise ValueError(
@@ -363,7 +363,7 @@ def compress_in_stages(
             "decomp files: pass arch='module:factory' (or a model loaded from a decomp file)"
         )
     teacher_source = None if teacher is None else _source_of(teacher)
-    teacher_net = net if teacher is None else _as_model(teacher)
+    teacher_net = net if teacher is None else as_model(teacher)
     size = list(input_size or recorded_input_size(net) or DEFAULT_INPUT_SIZE)
     dev = pick_device(device, notice="compressing on the CPU")
     bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split)

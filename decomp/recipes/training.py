@@ -450,7 +450,8 @@ def _save(
     return str(path)
 
 
-def _as_model(model: nn.Module | PathLike) -> nn.Module:
+def as_model(model: nn.Module | PathLike) -> nn.Module:
+    """``model`` itself, or the decomp file it names, loaded."""
     if isinstance(model, nn.Module):
         return model
     return load(model)
@@ -520,7 +521,7 @@ def finetune(
     Returns:
         A :class:`TrainingOutcome`.
     """
-    model, teacher = _as_model(model), None if teacher is None else _as_model(teacher)
+    model, teacher = as_model(model), None if teacher is None else as_model(teacher)
     size = input_size or model_meta(model).get("input_size") or DEFAULT_INPUT_SIZE
     prep = preprocessing or recorded_preprocessing(model)
     bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split, prep)

@@ -702,3 +702,23 @@ def test_library_state_is_restored(tiny_sd: Path) -> None:
     level, handlers = logger.level, list(logger.handlers)
     run(tiny_sd, *TINY, "--dry-run", "-v")
     assert logger.level == level and logger.handlers == handlers
+
+
+def test_the_layer_bar_shows_cp_sweeps_as_they_go() -> None:
+    from decomp.cli.compress import PlanDisplay
+
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 16, 3))
+    p = decomp.plan(model, "cp", 4, (3, 12, 12), force=True)
+    shown = PlanDisplay(json_output=True, dry_run=False)
+    descriptions: list[str] = []
+    with shown.stack:
+        shown.plan(p)
+        task = shown.bar.tasks[0]
+        decomp.apply(
+            model,
+            p,
+            progress=lambda name: (descriptions.append(task.description), shown.step(name)),
+        )
+    assert [d.split(",")[0] for d in descriptions] == ["cp: 0", "cp: 2"]
+    assert all(", CP sweep " in d and ", error 0." in d for d in descriptions)
+    assert task.completed == 2 and task.description == "cp: done"

@@ -13,36 +13,40 @@ demo ran, and whether the demo's targets (:data:`TARGETS`) were met.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from decomp._utils import atomic_write, atomic_write_text, check_choice, environment, plain
+from decomp._utils import atomic_write, atomic_write_text, environment, plain
 from decomp.batchnorm import calibrate
 from decomp.checkpoint import load, model_meta, save
 from decomp.data import DataBundle
+from decomp.demo.config import (
+    DEFAULT_RECIPE,
+    DEMO_METHOD,
+    DEMO_OUTPUT_DIR,
+    DEMO_RANK,
+    RECIPES,
+    TARGET_BASELINE_F1,
+    TARGET_F1_DROP,
+    TARGET_MACS_RATIO,
+    TARGET_SECONDS,
+    TARGETS,
+    DemoConfig,
+    DemoRecipe,
+    demo_config,
+)
+from decomp.demo.stages import LOAD_SAMPLE_SECONDS, LoadSampler, ProgressCallback, Stages, counted
 from decomp.devices import pick_device
 from decomp.evaluate import evaluate, quick_scores, val_f1
 from decomp.plan import Plan, apply, plan
 from decomp.recipes import (
-    BASELINE_EPOCHS,
-    CALIBRATION_BATCHES,
-    DEFAULT_ARCH,
-    DEFAULT_DATA,
-    DEFAULT_INPUT_SIZE,
-    FINETUNE_EPOCHS,
-    FINETUNE_LR,
     baseline_config,
     cached_baseline,
     finetune,
@@ -52,256 +56,28 @@ from decomp.recipes import (
 from decomp.recipes.training import without_augmentation
 from decomp.seeding import seed_loader
 
+__all__ = [
+    "DEFAULT_RECIPE",
+    "DEMO_METHOD",
+    "DEMO_OUTPUT_DIR",
+    "DEMO_RANK",
+    "LOAD_SAMPLE_SECONDS",
+    "RECIPES",
+    "TARGETS",
+    "TARGET_BASELINE_F1",
+    "TARGET_F1_DROP",
+    "TARGET_MACS_RATIO",
+    "TARGET_SECONDS",
+    "DemoConfig",
+    "DemoRecipe",
+    "ProgressCallback",
+    "demo_baseline",
+    "demo_config",
+    "plot_f1_vs_macs",
+    "run_demo",
+]
+
 logger = logging.getLogger(__name__)
-
-
-# The full recipe's rank: Tucker-2 with EVBMF ranks *weakened* towards full rank,
-# R = R_full - 0.6 (R_full - R_vbmf).
-# Raw EVBMF is too aggressive: on FACTS.md's 4-epoch model it left ranks 1 to 5 (F1 0.14 after BN
-# calibration), and on the full recipe's 12-epoch baseline (validation F1 0.9247) it keeps 8.5 %
-# of the MACs at validation F1 0.877. The factor was chosen on the validation split only, never
-# the test set: the weakening with the best validation F1 after BN calibration (30 batches, no
-# training) among those that at least halve the MACs (thop). Measured on that baseline:
-#   vbmf      MACs x0.085  val F1 0.8775      vbmf:0.6  MACs x0.383  val F1 0.9206
-#   vbmf:0.8  MACs x0.211  val F1 0.9150      vbmf:0.5  MACs x0.487  val F1 0.9198
-#   vbmf:0.7  MACs x0.291  val F1 0.9203      vbmf:0.4  MACs x0.622  (does not halve the MACs)
-# (vbmf:0.7 is within noise of 0.6 at 3.4x fewer MACs: the choice for a smaller model.)
-DEMO_RANK = "vbmf:0.6"
-DEMO_METHOD = "tucker"
-DEMO_OUTPUT_DIR = "runs/demo"
-
-
-@dataclass(frozen=True)
-class DemoRecipe:
-    """What differs between the demo's recipes: the baseline's epochs and augmentation, the
-    Tucker-2 ranks, the distillation's epochs.
-
-    Both share everything else: ResNet-18 at 32 px, batch 128, SGD one-cycle to 0.1 with label
-    smoothing 0.1 for the baseline, batch-norm statistics re-estimated on 30 batches,
-    distillation from the baseline at lr 0.01 (cosine).
-    """
-
-    name: str
-    epochs: int
-    augment: bool
-    rank: str
-    finetune_epochs: int
-    about: str
-
-
-RECIPES: dict[str, DemoRecipe] = {
-    # Measured on the 2-core machine, one torch thread (CPU seconds; test macro F1):
-    # - baseline, after each epoch of a 4-epoch one-cycle schedule: with flips and shifts 0.842
-    #   0.861 0.896 0.908 (FACTS.md section 5: 0.9085), without 0.864 0.888 0.909 0.921, at the
-    #   same 150 CPU s an epoch; 5 epochs without: 0.920. In a schedule this short augmentation
-    #   costs more than it gives, and a fifth epoch gives nothing.
-    # - ranks, by the rule DEMO_RANK was chosen by (best validation F1 after BN calibration among
-    #   the weakenings that halve the MACs), on that 4-epoch baseline: vbmf:0.4 MACs x0.585 (does
-    #   not halve them), vbmf:0.5 x0.453 val F1 0.9056, vbmf:0.6 x0.347 0.8977, vbmf:0.7 x0.254
-    #   0.8868.
-    # - distillation (175 CPU s an epoch at vbmf:0.5): vbmf:0.5 one epoch 0.9016 -> 0.9168 (0.42
-    #   points under the baseline: too close to the 0.5 allowed); vbmf:0.6 (x0.305 then) two
-    #   epochs 0.8910 -> 0.9121 -> 0.9171. Two epochs it is.
-    "quick": DemoRecipe(
-        "quick",
-        epochs=4,
-        augment=False,
-        rank="vbmf:0.5",
-        finetune_epochs=2,
-        about="4 epochs without augmentation, vbmf:0.5, 2 of distillation; about 9 min on 2 "
-        "idle cores",
-    ),
-    "full": DemoRecipe(
-        "full",
-        epochs=BASELINE_EPOCHS,
-        augment=True,
-        rank=DEMO_RANK,
-        finetune_epochs=FINETUNE_EPOCHS,
-        about="12 epochs with flips and shifts, vbmf:0.6, 2 of distillation; about 35 min on 2 "
-        "idle cores",
-    ),
-}
-"""The demo's recipes by name; ``quick`` is the default."""
-DEFAULT_RECIPE = "quick"
-
-TARGET_BASELINE_F1 = 0.91
-TARGET_MACS_RATIO = 0.5
-TARGET_F1_DROP = 0.005
-TARGET_SECONDS = 15 * 60
-TARGETS = (
-    f"baseline_f1_at_least_{TARGET_BASELINE_F1:g}",  # the baseline's test macro F1
-    "macs_at_most_half",  # decomposed MACs (thop) over the baseline's
-    f"f1_drop_at_most_{100 * TARGET_F1_DROP:g}_points",  # baseline F1 minus fine-tuned F1
-    f"total_at_most_{TARGET_SECONDS // 60}_min",  # wall time of run_demo
-)
-"""What the demo sets out to show: the keys of ``results["summary"]["targets"]`` (met or not)."""
-
-ProgressCallback = Callable[[str, int, int | None], None]
-"""``progress(stage, done, total)``: called when a stage starts (done 0), as its work advances
-(batches, layers) and when it ends (done == total). ``total`` is None while unknown."""
-
-LOAD_SAMPLE_SECONDS = 10.0
-"""How often ``results["load"]`` samples the load average."""
-
-
-@dataclass
-class DemoConfig:
-    """Settings of :func:`run_demo` (see there).
-
-    The defaults are those of the ``full`` recipe, the library's baseline recipe (which the
-    quality benchmark shares); :func:`run_demo` fills in the recipe it is given.
-    """
-
-    output_dir: str = DEMO_OUTPUT_DIR
-    recipe: str = "full"
-    epochs: int = BASELINE_EPOCHS
-    finetune_epochs: int = FINETUNE_EPOCHS
-    augment: bool = True
-    rank: str = DEMO_RANK
-    method: str = DEMO_METHOD
-    data: str = DEFAULT_DATA
-    arch: str = DEFAULT_ARCH
-    arch_kwargs: dict[str, Any] | None = None
-    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
-    batch_size: int = 128
-    lr: float = 0.1
-    finetune_lr: float = FINETUNE_LR
-    calibration_batches: int = CALIBRATION_BATCHES
-    train_subset: int | None = None
-    val_split: float | int | None = None
-    seed: int = 0
-    workers: int | None = 0  # Fashion-MNIST is in memory and batch-transformed: no workers needed
-    latency: bool = True
-    latency_repeats: int = 20
-    retrain: bool = False
-    device: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return plain(dataclasses.asdict(self))
-
-
-class _Stages:
-    """Wall and CPU time per stage, in order, and the progress of the running stage."""
-
-    def __init__(self, progress: ProgressCallback | None) -> None:
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
-        self.progress = progress
-        self.current: str | None = None
-        self.done, self.size = 0, None
-        self._start, self._cpu_start = time.perf_counter(), time.process_time()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str, total: int | None = 1) -> Iterator[None]:
-        """Time the block as stage ``name`` of ``total`` steps (batches, layers)."""
-        logger.info("demo: %s", name.replace("_", " "))
-        self.current, self.done, self.size = name, 0, total
-        self._tell()
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - wall, 3)
-            self.cpu_seconds[name] = round(time.process_time() - cpu, 3)
-        self.done = self.size = self.size if self.size is not None else max(self.done, 1)
-        self._tell()
-        self.current = None
-
-    def expect(self, total: int) -> None:
-        """The running stage turns out to have ``total`` steps."""
-        self.size = total
-        self._tell()
-
-    def tick(self, *_: Any) -> None:
-        """One more step of the running stage."""
-        if self.current is not None:
-            self.done += 1
-            self._tell()
-
-    def _tell(self) -> None:
-        if self.progress is not None and self.current is not None:
-            self.progress(self.current, self.done, self.size)
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self._start, 3)
-
-    def cpu_total(self) -> float:
-        return round(time.process_time() - self._cpu_start, 3)
-
-
-class _Counted:
-    """A loader that counts each batch it yields as a step of the running stage; in every other
-    respect (length, sampler, generator, dataset) the loader itself."""
-
-    def __init__(self, loader: Iterable, stages: _Stages) -> None:
-        self._loader, self._stages = loader, stages
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self._loader:
-            yield batch
-            self._stages.tick()
-
-    def __len__(self) -> int:
-        return len(self._loader)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_loader":
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-
-def _counted(bundle: DataBundle, stages: _Stages) -> DataBundle:
-    loaders = {
-        name: _Counted(loader, stages)
-        for name in ("train_loader", "val_loader", "test_loader")
-        if (loader := getattr(bundle, name)) is not None
-    }
-    return dataclasses.replace(bundle, **loaders)
-
-
-def _load_average() -> list[float] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-class _LoadSampler:
-    """The machine's 1-minute load average every ``interval`` seconds, on a daemon thread."""
-
-    def __init__(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
-        self.interval, self.start = interval, _load_average()
-        self.samples: list[list[float]] = []
-        self._t0 = time.perf_counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="decomp-demo-load", daemon=True)
-
-    def __enter__(self) -> _LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            load = _load_average()
-            if load is not None:
-                self.samples.append([round(time.perf_counter() - self._t0, 1), load[0]])
-            if self._stop.wait(self.interval):
-                return
-
-    def record(self) -> dict[str, Any]:
-        """Start and latest load averages (1, 5, 15 min) and the 1-minute samples."""
-        ones = [load for _, load in self.samples]
-        return {
-            "start": self.start,
-            "latest": _load_average(),
-            "interval_s": self.interval,
-            "samples_1min": list(self.samples),
-            "mean_1min": round(sum(ones) / len(ones), 2) if ones else None,
-            "max_1min": max(ones) if ones else None,
-        }
 
 
 def demo_baseline(
@@ -390,7 +166,7 @@ def _entry(metrics: Mapping[str, Any], **more: Any) -> dict[str, Any]:
 class _Report:
     """results.json, rewritten atomically after every stage so a long run can be watched."""
 
-    def __init__(self, cfg: DemoConfig, stages: _Stages, load: _LoadSampler) -> None:
+    def __init__(self, cfg: DemoConfig, stages: Stages, load: LoadSampler) -> None:
         self.path = Path(cfg.output_dir) / "results.json"
         self.data: dict[str, Any] = {"status": "running", "config": cfg.to_dict()}
         self.stages, self.load = stages, load
@@ -401,26 +177,6 @@ class _Report:
         self.data["cpu_seconds"] = {**self.stages.cpu_seconds, "total": self.stages.cpu_total()}
         self.data["load"] = self.load.record()
         atomic_write_text(self.path, json.dumps(plain(self.data), indent=2))
-
-
-def demo_config(
-    recipe: str = DEFAULT_RECIPE,
-    epochs: int | None = None,
-    finetune_epochs: int | None = None,
-    **options: Any,
-) -> DemoConfig:
-    """The settings of ``recipe`` (see :data:`RECIPES`), with ``options`` (fields of
-    :class:`DemoConfig`) and the epochs when given taking precedence."""
-    check_choice("recipe", recipe, RECIPES)
-    chosen = RECIPES[recipe]
-    return DemoConfig(
-        recipe=recipe,
-        epochs=chosen.epochs if epochs is None else epochs,
-        finetune_epochs=chosen.finetune_epochs if finetune_epochs is None else finetune_epochs,
-        augment=options.pop("augment", chosen.augment),
-        rank=str(options.pop("rank", None) or chosen.rank),
-        **options,
-    )
 
 
 def run_demo(
@@ -439,7 +195,8 @@ def run_demo(
     1. Trains a torchvision resnet18 on Fashion-MNIST (32 px, grey replicated to RGB) with the
        baseline recipe for the recipe's epochs, or reuses ``output_dir/baseline.pt`` when it was
        trained with the same settings (logged; ``results["baseline"]["reused"]``).
-    2. Decomposes every 3x3 conv that gets cheaper with Tucker-2 at ``rank`` ranks.
+    2. Decomposes every 3x3 conv that gets cheaper with Tucker-2 at ``rank`` ranks, or within
+       the recipe's MACs budget (``target_macs``; a ``rank`` given replaces it).
     3. Re-estimates batch-norm statistics over ``calibration_batches`` training batches.
     4. Saves ``decomposed.pt``, loads it back (the logits must not change) and fine-tunes the
        loaded model for ``finetune_epochs`` with distillation from the baseline (SGD, cosine).
@@ -459,7 +216,8 @@ def run_demo(
         output_dir: where the files go.
         epochs: baseline training epochs; default the recipe's.
         finetune_epochs: distillation epochs; default the recipe's.
-        rank: rank spec (see rank_selection); default the recipe's (weakened EVBMF).
+        rank: rank spec (see rank_selection); default the recipe's. Given, it replaces the
+            recipe's MACs budget (``target_macs``, an option: a fraction of the baseline's MACs).
         method: factorization (``tucker``, ``cp``, ``svd``, ``auto``).
         recipe: ``quick`` or ``full`` (:data:`RECIPES`).
         progress: told of every stage's start, steps and end (see :data:`ProgressCallback`);
@@ -483,8 +241,8 @@ def run_demo(
         **options,
     )
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    stages = _Stages(progress)
-    with _LoadSampler() as load:
+    stages = Stages(progress)
+    with LoadSampler() as load:
         report = _Report(cfg, stages, load)
         report.update(**environment())
         device = pick_device(cfg.device, notice="the demo runs on the CPU")
@@ -501,7 +259,7 @@ def run_demo(
     return report.data
 
 
-def _demo_bundle(cfg: DemoConfig, stages: _Stages) -> DataBundle:
+def _demo_bundle(cfg: DemoConfig, stages: Stages) -> DataBundle:
     """The data, not augmented when the recipe says so, its loaders counting their batches."""
     bundle = load_bundle(
         cfg.data,
@@ -514,7 +272,7 @@ def _demo_bundle(cfg: DemoConfig, stages: _Stages) -> DataBundle:
     )
     if not cfg.augment:
         bundle = without_augmentation(bundle, cfg.seed)
-    return _counted(bundle, stages)
+    return counted(bundle, stages)
 
 
 def _batches(bundle: DataBundle) -> tuple[int, int, int]:
@@ -528,7 +286,7 @@ def _evaluate_cfg(model: nn.Module, bundle: DataBundle, cfg: DemoConfig) -> dict
 
 
 def _baseline_stage(
-    cfg: DemoConfig, bundle: DataBundle, device: torch.device, stages: _Stages, report: _Report
+    cfg: DemoConfig, bundle: DataBundle, device: torch.device, stages: Stages, report: _Report
 ) -> nn.Module:
     train, val, test = _batches(bundle)
     with stages("baseline", cfg.epochs * (train + val) + val):
@@ -556,12 +314,12 @@ def _decompose_stage(
     bundle: DataBundle,
     baseline: nn.Module,
     device: torch.device,
-    stages: _Stages,
+    stages: Stages,
     report: _Report,
 ) -> nn.Module:
     train, val, test = _batches(bundle)
     with stages("decompose", None):
-        p = plan(baseline, cfg.method, cfg.rank, list(cfg.input_size))
+        p = plan(baseline, cfg.method, cfg.rank, list(cfg.input_size), target_macs=cfg.target_macs)
         stages.expect(len(p.decomposed))
         model = apply(baseline, p, progress=stages.tick)
     with stages("evaluate_before_calibration", test + val):
@@ -608,7 +366,7 @@ def _finetune_stage(
     baseline: nn.Module,
     decomposed: nn.Module,
     device: torch.device,
-    stages: _Stages,
+    stages: Stages,
     report: _Report,
 ) -> None:
     train, val, test = _batches(bundle)
