@@ -64,7 +64,8 @@ class Key:
         return cls(runtime, device, batch, threads or torch.get_num_threads(), versions, name)
 
     def describe(self) -> str:
-        return f"{self.runtime} on {self.device}, batch {self.batch}, {self.threads} threads"
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
+        return f"{self.runtime} on {self.device}, batch {self.batch}, {threads}"
 
     def differences(self, other: Key) -> list[str]:
         """``"field: mine != other's"`` for every field that differs."""

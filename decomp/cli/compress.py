@@ -172,7 +172,8 @@ def decompose_command(
         str | None,
         method_option(
             "tucker (kxk convs), cp (kxk convs), svd (linear and 1x1 convs), another registered "
-            "method, or auto (tucker for kxk, svd for the rest). Default: tucker."
+            "method, or auto (tucker for kxk, svd for the rest). Default: tucker.",
+            show_default=False,
         ),
     ] = None,
     rank: RankOpt = None,
@@ -298,6 +299,8 @@ def decompose_command(
             fixed = _read_plan_file(plan_file)
         else:
             parse_rank_spec(rank or DEFAULT_RANK)
+        if target_macs is not None and target_latency is not None:
+            raise ValueError("give --target-macs or --target-latency, not both")
         if weigh_layers and not (target_macs and data):
             raise ValueError("--weigh-layers needs --target-macs and --data")
         _check_data_options(data, fit, normalize, mean, std, resize)

@@ -85,9 +85,7 @@ def profile_command(
     device: DeviceOpt = Device.cpu,
     batch: BatchOpt = 1,
     threads: ThreadsOpt = None,
-    method: Annotated[
-        str, method_option("The method whose ranks are timed. [default: auto]")
-    ] = AUTO,
+    method: Annotated[str, method_option("The method whose ranks are timed.")] = AUTO,
     input_size: InputSizeOpt = None,
     table: TableOpt = None,
     exclude: Annotated[

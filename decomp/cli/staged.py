@@ -88,7 +88,7 @@ def compress_command(
             "-o",
             metavar="PATH",
             help="The final model. Default: beside MODEL, <stem>_staged.pt. The other stages' "
-            "files (<stem>.stage<k>.pt) and the state (PATH.stages.json) go beside it.",
+            "files (PATH's stem + .stage<k>.pt) and the state (PATH.stages.json) go beside it.",
             show_default=False,
         ),
     ] = None,
@@ -98,7 +98,7 @@ def compress_command(
     ] = False,
     method: Annotated[
         str,
-        method_option(f"auto: Tucker-2 for kxk, SVD for the rest. [default: {STAGED_METHOD}]"),
+        method_option("auto: Tucker-2 for kxk convs, SVD for the rest."),
     ] = STAGED_METHOD,
     fit: Annotated[
         Fit,

@@ -99,7 +99,10 @@ def train_command(
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = DEFAULT_DATA,
     epochs: EpochsOpt = BASELINE_EPOCHS,
-    input_size: InputSizeOpt = _INPUT_SIZE_TEXT,
+    input_size: Annotated[
+        str,
+        typer.Option("--input-size", metavar="C,H,W", help="Input size of one image."),
+    ] = _INPUT_SIZE_TEXT,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", metavar="PATH", help=f"Default: {DEFAULT_BASELINE_OUTPUT}."),
@@ -320,7 +323,9 @@ def demo_command(
             "--finetune-epochs", min=0, help="Distillation epochs (default: the recipe's)."
         ),
     ] = None,
-    method: Annotated[str, method_option(f"[default: {DEMO_METHOD}]")] = DEMO_METHOD,
+    method: Annotated[str, method_option("tucker, cp, svd, auto or a registered method.")] = (
+        DEMO_METHOD
+    ),
     rank: Annotated[
         str | None,
         typer.Option(

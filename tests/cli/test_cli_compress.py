@@ -722,3 +722,9 @@ def test_the_layer_bar_shows_cp_sweeps_as_they_go() -> None:
     assert [d.split(",")[0] for d in descriptions] == ["cp: 0", "cp: 2"]
     assert all(", CP sweep " in d and ", error 0." in d for d in descriptions)
     assert task.completed == 2 and task.description == "cp: done"
+
+
+def test_two_budgets_at_once_are_refused_in_the_options_words(tiny_sd: Path) -> None:
+    result = run(tiny_sd, *TINY, "--target-macs", "0.5", "--target-latency", "0.5")
+    assert_one_line_error(result, "give --target-macs or --target-latency, not both")
+    assert _files(tiny_sd.parent) == {"tiny_sd.pt"}
