@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import math
 import os
 import statistics
@@ -143,6 +144,20 @@ def _timing(key: Key) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _timer_class() -> Any:
+    """``torch.utils.benchmark.Timer``, imported without the warning torch logs on a machine
+    with a CUDA folder but no CUDA runtime ("No CUDA runtime is found"), which says nothing
+    about CPU timing."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(level)
+    return Timer
+
+
 def _block_ms(run: Callable[[], Any], number: int, key: Key) -> float:
     """Milliseconds per call over ``number`` calls: CUDA events on a GPU, else
     ``torch.utils.benchmark.Timer``."""
@@ -155,9 +170,7 @@ def _block_ms(run: Callable[[], Any], number: int, key: Key) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / number
-    from torch.utils.benchmark import Timer
-
-    timer = Timer("run()", globals={"run": run}, num_threads=key.threads)
+    timer = _timer_class()("run()", globals={"run": run}, num_threads=key.threads)
     return timer.timeit(number).median * 1e3
 
 
