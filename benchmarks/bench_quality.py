@@ -154,7 +154,6 @@ _RESULT_FIELDS = (
     "val_split",
     "test_subset",
     "calibration_batches",
-    "cp_budget_s",
     "match_tolerance",
     "tiny",
 )
@@ -217,7 +216,6 @@ class Config:
     val_split: float | int | None
     test_subset: int | None
     calibration_batches: int
-    cp_budget_s: float
     match_tolerance: float
     tune_max_iter: int
     latency_repeats: int
@@ -582,20 +580,15 @@ def plan_job(ctx: ModelContext, job: Job) -> tuple[Any, dict[str, Any]]:
 
 
 def apply_job(ctx: ModelContext, job: Job, p: Any) -> tuple[nn.Module, list[str]]:
-    """The decomposed copy of the baseline; CP layer by layer within ``cp_budget_s``."""
+    """The decomposed copy of the baseline; CP layer by layer, a layer it fails on kept dense
+    (decomp's CP-ALS needs no time budget any more: make bench-cp)."""
     from decomp.plan import apply
 
     if job.method != "cp":
         return apply(ctx.baseline, p), []
     net = copy.deepcopy(ctx.baseline)
-    done, failed, hit = apply_within_budget(net, p, ctx.config.cp_budget_s)
-    notes = [f"CP failed on {f['layer']} (kept dense): {f['error']}" for f in failed]
-    if hit:
-        notes.append(
-            f"CP time budget {ctx.config.cp_budget_s:g} s: {len(done)} of {len(p.decomposed)} "
-            "planned layers factorized, in model order; the rest stay dense"
-        )
-    return net, notes
+    _, failed, _ = apply_within_budget(net, p, None)
+    return net, [f"CP failed on {f['layer']} (kept dense): {f['error']}" for f in failed]
 
 
 # --------------------------------------------------------------------------- measuring one job
@@ -945,8 +938,7 @@ def _notes(config: Config) -> list[str]:
         f"function with 1 stage of {config.stages * config.epochs_per_stage} epochs. 'F1 "
         "BN-calibrated' of a staged row is its last stage's start.",
         f"Sweep (for the Pareto plot): {', '.join(config.methods)} at "
-        f"{', '.join(config.ranks)}. CP: planned layers are factorized in model order until "
-        f"{config.cp_budget_s:g} s have passed per decomposition; the rest stay dense.",
+        f"{', '.join(config.ranks)}. CP: a layer CP-ALS fails on stays dense (the row says so).",
         "Latency: decomp.metrics.measure_latency, median of "
         f"{config.latency_repeats} CPU passes at batch 1 and 64, on a machine that may be "
         "shared: compare within a run. cpu_s: CPU seconds of the row's process (the shared "
@@ -1474,7 +1466,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="fashion-mnist[:DIR] or an ImageFolder")
     parser.add_argument("--train-subset", type=int, default=None, help="train images (all)")
     parser.add_argument("--test-subset", type=int, default=None, help="test images (all)")
-    parser.add_argument("--cp-budget", type=float, default=None, help="s per CP decomposition")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1)")
     parser.add_argument("--cache", type=Path, default=None, help="baselines (runs/bench)")
@@ -1520,7 +1511,6 @@ def make_config(args: argparse.Namespace) -> Config:
         val_split=256 if tiny else None,
         test_subset=pick(args.test_subset, 500, None),
         calibration_batches=8 if tiny else 30,
-        cp_budget_s=pick(args.cp_budget, 10.0, 120.0),
         match_tolerance=0.02,
         tune_max_iter=6 if tiny else 16,
         latency_repeats=3 if tiny else 20,
