@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    REPO,
     RESULTS_DIR,
     Column,
     MemoryProbe,
@@ -65,6 +66,9 @@ from benchmarks.common import (  # noqa: E402
 )
 
 MODELS = ("resnet18", "resnet50", "vgg16")
+TRAINED = {"demo_resnet18": "runs/demo/baseline.pt"}
+"""Trained models, by choice (``--models demo_resnet18``): random weights are noise to EVBMF, so
+``vbmf`` ranks every random layer 0; the demo's trained ResNet-18 (``make demo``) has real ones."""
 SPECS = ("ratio:0.3", "vbmf")
 QUICK_MAX_CHANNELS = 128
 TARGET_SPEEDUP = 10.0
@@ -81,9 +85,17 @@ INPUT_SIZE = (3, 64, 64)
 
 
 def build_model(name: str) -> nn.Module:
-    """A torchvision model with random weights (seed 0), never downloaded."""
+    """A torchvision model with random weights (seed 0), never downloaded; or a trained one of
+    :data:`TRAINED`, from its file."""
     import torchvision
 
+    if name in TRAINED:
+        import decomp
+
+        path = REPO / TRAINED[name]
+        if not path.is_file():
+            raise SystemExit(f"{name}: {TRAINED[name]} is missing; run make demo first")
+        return decomp.load(path).eval()
     torch.manual_seed(0)
     return getattr(torchvision.models, name)(weights=None).eval()
 
@@ -589,7 +601,7 @@ NOTES = [
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="resnet18's small layers only")
-    parser.add_argument("--models", nargs="+", default=None, choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=None, choices=[*MODELS, *TRAINED])
     parser.add_argument("--specs", nargs="+", default=None, help=f"default: {' '.join(SPECS)}")
     parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run")
     parser.add_argument("--skip-threads", action="store_true", help="no thread-policy section")
