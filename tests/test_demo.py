@@ -163,14 +163,14 @@ def test_recipes_give_the_demo_its_settings() -> None:
         TARGET_MACS_RATIO,
         2,
     )
-    assert (full.epochs, full.augment, full.rank, full.finetune_epochs) == (12, True, "vbmf:0.6", 2)
-    assert full.target_macs is None
+    assert (full.epochs, full.augment, full.target_macs, full.finetune_epochs) == (12, True, 0.5, 2)
     assert demo_config().recipe == DEFAULT_RECIPE == "quick"
     mixed = demo_config("quick", epochs=6, augment=True, rank=None, seed=3)
     assert (mixed.epochs, mixed.augment, mixed.target_macs, mixed.seed) == (6, True, 0.5, 3)
     ranked = demo_config("quick", rank="ratio:0.5")  # a rank given replaces the recipe's budget
     assert (ranked.rank, ranked.target_macs) == ("ratio:0.5", None)
     assert demo_config("full", target_macs=0.3).target_macs == 0.3
+    assert demo_config("full", rank="vbmf:0.6").target_macs is None
     with pytest.raises(
         ValueError, match=r"unknown recipe 'fast'; expected one of \['full', 'quick'\]"
     ):
