@@ -141,6 +141,7 @@ ModelOutputOpt = Annotated[
         "index or a key). Default: the first.",
     ),
 ]
+
 # ---------------------------------------------------- how data is read (preprocessing, split)
 
 Normalize = StrEnum("Normalize", {name: name for name in NORMALIZATIONS})
