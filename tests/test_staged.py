@@ -175,3 +175,34 @@ def test_refusals(whole: Any, bundle: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="architecture reference"):
         compress_in_stages(tiny_net(**KWARGS), bundle, 0.5, output=tmp_path / "x.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_data_is_read_as_the_model_file_records(
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec is read with the preprocessing the model was made with, as finetune reads it."""
+    import decomp
+    import decomp.recipes.staged as staged
+    from decomp.data import Preprocessing
+
+    recorded = Preprocessing(mean=(0.5,), std=(0.25,))
+    path = decomp.save(
+        tiny_net(**KWARGS),
+        tmp_path / "m.pt",
+        arch=ARCH,
+        extra={"preprocessing": recorded.to_dict()},
+    )
+    seen: list[Any] = []
+
+    def stop(*args: Any) -> None:
+        seen.append(args[-1])
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(staged, "load_bundle", stop)
+    for given in (None, Preprocessing(mean=(0.1,), std=(0.2,))):
+        with pytest.raises(RuntimeError, match="enough"):
+            compress_in_stages(
+                path, str(digits), 0.5, output=tmp_path / "s.pt", input_size=SIZE,
+                preprocessing=given,
+            )  # fmt: skip
+    assert seen == [recorded, Preprocessing(mean=(0.1,), std=(0.2,))]

@@ -189,6 +189,11 @@ ValSplitOpt = Annotated[
 ]
 
 
+def val_split_count(value: float | None) -> float | int | None:
+    """--val-split as the data module takes it: a count when it is a whole number >= 1."""
+    return int(value) if value is not None and value >= 1 and value.is_integer() else value
+
+
 def preprocessing_options(
     model: nn.Module | None,
     normalize: Normalize | None,

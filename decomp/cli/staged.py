@@ -16,8 +16,13 @@ from decomp.cli.common import (
     Fit,
     InputSizeOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
+    NormalizeOpt,
+    ResizeOpt,
+    StdOpt,
     TrustPickleOpt,
+    ValSplitOpt,
     VerboseOpt,
     command,
     err,
@@ -25,9 +30,11 @@ from decomp.cli.common import (
     load_model,
     method_option,
     out,
+    preprocessing_options,
     print_json,
     say,
     status,
+    val_split_count,
 )
 from decomp.cli.render import staged_lines, staged_stage_line, staged_table
 from decomp.plan.budget import parse_macs_target
@@ -108,6 +115,11 @@ def compress_command(
         ),
     ] = Fit.outputs,
     input_size: InputSizeOpt = None,
+    normalize: NormalizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    val_split: ValSplitOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -127,6 +139,7 @@ def compress_command(
             checkpoint.check_output_path(target, source=model)
             net = load_model(model, arch, arch_kwargs, trust_pickle)
             size = input_size_of(size, net, model)
+            prep = preprocessing_options(net, normalize, mean, std, resize)
             teacher_net = None if teacher is None else load_model(teacher, None, None, trust_pickle)
             shown = None if json_output else (lambda record: say(staged_stage_line(record)))
             result: StagedResult = compress_in_stages(
@@ -141,6 +154,8 @@ def compress_command(
                 fit=fit.value,
                 resume=resume,
                 input_size=size,
+                val_split=val_split_count(val_split),
+                preprocessing=prep,
                 progress=not json_output,
                 on_stage=shown,
                 stage=status,

@@ -44,6 +44,7 @@ from decomp.cli.common import (
     preprocessing_options,
     print_json,
     say,
+    val_split_count,
 )
 from decomp.cli.render import demo_table, evaluation_table
 from decomp.data import (
@@ -76,11 +77,6 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Training epochs
 _INPUT_SIZE_TEXT = ",".join(map(str, DEFAULT_INPUT_SIZE))
 Recipe = StrEnum("Recipe", {name: name for name in RECIPES})
 _DEFAULT_RECIPE = Recipe(DEFAULT_RECIPE)
-
-
-def _val_split(value: float | None) -> float | int | None:
-    """--val-split as the data module takes it: a count when it is a whole number >= 1."""
-    return int(value) if value is not None and value >= 1 and value.is_integer() else value
 
 
 def _report(record: dict, test: dict | None, json_output: bool, title: str, path: Path) -> None:
@@ -134,7 +130,7 @@ def train_command(
             size,
             epochs,
             output,
-            val_split=_val_split(val_split),
+            val_split=val_split_count(val_split),
             progress=not json_output,
             preprocessing=prep,
         )
@@ -196,7 +192,7 @@ def finetune_command(
             output=target,
             resume=resume,
             input_size=size,
-            val_split=_val_split(val_split),
+            val_split=val_split_count(val_split),
             progress=not json_output,
             calibrate_batches=calibrate_batches,
             preprocessing=preprocessing_options(net, normalize, mean, std, resize),
@@ -246,7 +242,7 @@ def evaluate_command(
         net = load_model(model, arch, arch_kwargs, trust_pickle)
         size = input_size_of(size, net, model)
         prep = preprocessing_options(net, normalize, mean, std, resize)
-        bundle = load_data(data, size, val_split=_val_split(val_split), preprocessing=prep)
+        bundle = load_data(data, size, val_split=val_split_count(val_split), preprocessing=prep)
         metrics = evaluate(
             net,
             bundle,

@@ -48,7 +48,7 @@ from decomp.checkpoint import (
     recorded_input_size,
     save,
 )
-from decomp.data import DataBundle
+from decomp.data import DataBundle, Preprocessing, recorded_preprocessing
 from decomp.devices import pick_device
 from decomp.evaluate import quick_scores
 from decomp.metrics import count_macs, count_params
@@ -302,6 +302,7 @@ def compress_in_stages(
     workers: int | None = None,
     train_subset: int | None = None,
     val_split: float | int | None = None,
+    preprocessing: Preprocessing | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
     max_stages_this_run: int | None = None,
@@ -331,6 +332,8 @@ def compress_in_stages(
         calibrate_batches: batches for the batch-norm re-estimation (0: none).
         lr: peak fine-tuning learning rate (cosine).
         batch_size, seed, workers, train_subset, val_split: as in :func:`finetune`.
+        preprocessing: how a data spec's images are read; default what the model's file
+            records (as :func:`finetune` does), else the data's own.
         device: where to train; default CUDA when available, else the CPU.
         progress: rich progress bars while fine-tuning.
         max_stages_this_run: stop after this many stages in this call (a later call with
@@ -366,7 +369,8 @@ def compress_in_stages(
     teacher_net = net if teacher is None else as_model(teacher)
     size = list(input_size or recorded_input_size(net) or DEFAULT_INPUT_SIZE)
     dev = pick_device(device, notice="compressing on the CPU")
-    bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split)
+    prep = preprocessing or recorded_preprocessing(net)
+    bundle = load_bundle(data, size, batch_size, seed, workers, train_subset, val_split, prep)
     original_macs = count_macs(net, size)
     target = _target_fraction(target_macs, original_macs)
     budgets = stage_budgets(target, stages)

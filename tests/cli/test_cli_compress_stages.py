@@ -114,3 +114,25 @@ def test_malformed_command_lines_exit_2(model: Path, digits: Path, extra: list[s
 def test_data_and_target_are_required(model: Path, digits: Path):
     assert run(model, "--target-macs", "0.3").exit_code == 2
     assert run(model, "--data", digits).exit_code == 2
+
+
+def test_preprocessing_and_validation_options_reach_the_workflow(
+    model: Path, digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import decomp.cli.staged as cli_staged
+    from decomp.data import Preprocessing
+
+    seen: dict[str, Any] = {}
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(cli_staged, "compress_in_stages", fake)
+    result = run(
+        model, "--data", digits, "--target-macs", "0.5", "-o", tmp_path / "s.pt",
+        "--mean", "0.5", "--std", "0.25", "--val-split", "40",
+    )  # fmt: skip
+    one_line_error(result, "stopped here")
+    assert seen["preprocessing"] == Preprocessing(mean=(0.5,), std=(0.25,))
+    assert seen["val_split"] == 40 and isinstance(seen["val_split"], int)
