@@ -352,6 +352,13 @@ def test_cli_profile_then_decompose_with_a_latency_target(tmp_path):
         ],
     )
     assert done.exit_code == 1 and "below the floor" in done.output
+    # --threads picks the table's key: a table timed on 1 thread serves --threads 1 only
+    hand_table(model, threads=1).save(table)
+    args = ["decompose", str(path), "--target-latency", "0.01", "--latency-table", str(table)]
+    done = runner.invoke(app, [*args, "--threads", "1", "--dry-run"])
+    assert done.exit_code == 1 and "below the floor" in done.output
+    other = runner.invoke(app, [*args, "--threads", "2", "--dry-run"])
+    assert other.exit_code == 1 and "thread" in other.output and "floor" not in other.output
 
 
 def test_rank_multiples_follow_the_runtime_and_batch():

@@ -39,7 +39,16 @@ from decomp.cli.common import (
     say,
     status,
 )
-from decomp.cli.latency import BatchOpt, Runtime, RuntimeOpt, TableOpt, table_path
+from decomp.cli.latency import (
+    BatchOpt,
+    Device,
+    DeviceOpt,
+    Runtime,
+    RuntimeOpt,
+    TableOpt,
+    ThreadsOpt,
+    table_path,
+)
 from decomp.cli.render import inspect_table, methods_table, num, plan_table, size_text, totals_line
 from decomp.export import export
 from decomp.factorize import reporting_sweeps
@@ -236,7 +245,9 @@ def decompose_command(
         ),
     ] = None,
     runtime: RuntimeOpt = Runtime.torch,
+    device: DeviceOpt = Device.cpu,
     batch: BatchOpt = 1,
+    threads: ThreadsOpt = None,
     latency_table: TableOpt = None,
     weigh_layers: Annotated[
         bool,
@@ -326,7 +337,9 @@ def decompose_command(
                     exclude=exclude or [],
                     force=force,
                     target_macs=target_macs,
-                    latency=_latency_options(target_latency, runtime, batch, latency_table),
+                    latency=_latency_options(
+                        target_latency, runtime, device, batch, threads, latency_table
+                    ),
                     plan=fixed,
                     data=data,
                     fit=None if fit is None else fit.value,
@@ -357,17 +370,23 @@ def _check_data_options(data: str | None, fit: Fit | None, *read: object) -> Non
 
 
 def _latency_options(
-    target: str | None, runtime: Runtime, batch: int, table: Path | None
+    target: str | None,
+    runtime: Runtime,
+    device: Device,
+    batch: int,
+    threads: int | None,
+    table: Path | None,
 ) -> dict[str, Any] | None:
     """decompose's latency options as :func:`decomp.plan` keywords (None without a target)."""
     if target is None:
         return None
-    path = table_path(table, runtime.value, "cpu", batch, None)
     return {
         "target_latency": target,
         "runtime": runtime.value,
+        "device": device.value,
         "batch": batch,
-        "latency_table": path,
+        "threads": threads,
+        "latency_table": table_path(table, runtime.value, device.value, batch, threads),
     }
 
 
