@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -1395,6 +1396,14 @@ def _plot_panel(
         ax.set_ylim(low - 0.002, top + 0.004)
 
 
+def _macs_tick(value: float, _: int) -> str:
+    """A log axis' tick as millions, only at 1, 2 and 5 times a power of ten (no overlaps)."""
+    if value <= 0:
+        return ""
+    lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value / 1e6:g}M" if round(lead, 6) in (1.0, 2.0, 5.0) else ""
+
+
 def plot_pareto(result: Mapping[str, Any], path: Path) -> None:
     """Test F1 against MACs (log x), per model: after fine-tuning (the F1 range near the
     baseline) beside the same decompositions before any (BN-calibrated, 0 epochs); one line per
@@ -1403,6 +1412,7 @@ def plot_pareto(result: Mapping[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     ok = _ok(result["rows"])
     models = list(dict.fromkeys(r["model"] for r in ok)) or ["(no rows)"]
@@ -1423,6 +1433,8 @@ def plot_pareto(result: Mapping[str, Any], path: Path) -> None:
             if part:
                 _plot_panel(ax, part, bases.get(model), is_tuned)
             ax.set_xscale("log")
+            for axis_set in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis_set(FuncFormatter(_macs_tick))
             ax.set_xlabel("MACs per image (thop, log scale)")
             ax.grid(True, which="both", alpha=0.3)
         tuned_ax.set_ylabel("macro F1 (test)")
