@@ -10,7 +10,10 @@ block may define its modules in any order, and a Factorized (or Padded) module h
 conv's output to the batch norm after it. So :func:`fuse` asks ``torch.fx``: it traces the
 model with every childless module kept opaque (so a conv, a batch norm, a ``SamePad2d`` are
 single calls, and every container, Factorized and Padded included, is traced through), and folds
-a batch norm whose input is the output of a plain conv that nothing else reads. The surgery is
+a batch norm whose input is the output of a conv that nothing else reads: a plain one, or a
+subclass whose output scales and shifts with its weight and bias as a conv's does (one that
+pads first, as TensorFlow's "same"; checked on a probe input, so weight standardization and
+other forwards are left). The surgery is
 then done on the module tree by qualified name, so the result keeps its classes, attributes and
 forwards (not a GraphModule). A model that fx cannot trace (Python control flow on tensors in a
 container's forward) falls back to what is certain without a trace: a conv directly followed by
@@ -77,10 +80,11 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 class _OpaqueLeaves(fx.Tracer):
-    """Every module without children is one opaque call; every container is traced through."""
+    """Every conv (a subclass holding its padding module included) and every module without
+    children is one opaque call; every other container is traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return next(m.children(), None) is None
+        return isinstance(m, nn.Conv2d) or next(m.children(), None) is None
 
 
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -111,17 +115,48 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """A plain conv (its forward is Conv2d's) then a batch norm with running statistics."""
+    """A conv whose output is affine in its weight and bias per channel (a plain conv, or a
+    subclass that only pads first), then a batch norm with running statistics."""
     return (
         isinstance(conv, nn.Conv2d)
-        and type(conv).forward is nn.Conv2d.forward
-        and type(conv)._conv_forward is nn.Conv2d._conv_forward
         and isinstance(bn, nn.BatchNorm2d)
         and type(bn).forward is nn.BatchNorm2d.forward
         and bn.running_mean is not None
         and bn.running_var is not None
         and bn.num_features == conv.out_channels
+        and (_plain(conv) or _scales_like_a_conv(conv))
     )
+
+
+def _plain(conv: nn.Conv2d) -> bool:
+    return (
+        type(conv).forward is nn.Conv2d.forward
+        and type(conv)._conv_forward is nn.Conv2d._conv_forward
+    )
+
+
+@torch.no_grad()
+def _scales_like_a_conv(conv: nn.Conv2d) -> bool:
+    """Whether a conv subclass's output moves as a conv's does when its weight and bias are
+    scaled and shifted per output channel, which is what folding a batch norm does to them:
+    true for a forward that pads and then convolves (TensorFlow's "same"), false for one that
+    normalizes its weight (weight standardization) or anything else. Judged on a probe input,
+    as decomp.plan judges a subclass it factorizes."""
+    generator = torch.Generator().manual_seed(0)
+    reach = [d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+    size = [r + 2 * s + 3 for r, s in zip(reach, conv.stride, strict=True)]
+    x = torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight)
+    scale = torch.rand(conv.out_channels, generator=generator).add_(0.5).to(conv.weight)
+    shift = torch.randn(conv.out_channels, generator=generator).to(conv.weight)
+    original, moved = copy.deepcopy(conv).eval(), copy.deepcopy(conv).eval()
+    moved.weight.mul_(scale.view(-1, 1, 1, 1))
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    moved.bias = nn.Parameter(bias)
+    try:
+        expected = original(x) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+        return bool(torch.allclose(moved(x), expected, rtol=1e-4, atol=1e-5))
+    except Exception:  # a forward that cannot take the probe is not folded
+        return False
 
 
 def _shared(model: nn.Module) -> set[int]:

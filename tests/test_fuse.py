@@ -170,3 +170,23 @@ def test_training_model_is_fused_in_eval_mode():
     fused = decomp.fuse(model)
     assert model.training and not fused.training
     assert relative_change(copy.deepcopy(model), fused) < TOL
+
+
+@pytest.mark.parametrize("same", ["static", "timm"])
+def test_same_padding_subclasses_fold_and_standardized_weights_do_not(same):
+    from tests.test_forwards import StaticSameConv2d, StdConv2d, TimmStyleConv2dSame
+
+    torch.manual_seed(0)
+    first = (
+        StaticSameConv2d(3, 8, 3, 2, image=16)
+        if same == "static"
+        else TimmStyleConv2dSame(3, 8, 3, 2)
+    )
+    model = randomize_bn(
+        nn.Sequential(first, nn.BatchNorm2d(8), nn.ReLU(), StdConv2d(8, 8, 3), nn.BatchNorm2d(8))
+    )
+    before = copy.deepcopy(model.state_dict())
+    assert conv_bn_pairs(model.eval()) == [("0", "1")]
+    fused = check(model, left=1)  # outputs equal; StdConv2d's batch norm stays
+    assert type(fused[0]) is type(first) and isinstance(fused[1], nn.Identity)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
