@@ -933,11 +933,11 @@ def _notes(config: Config) -> list[str]:
         "cuts) and evb:WF, MUSCO's weakening of EVB's own rank without check or floor "
         "(registered by this benchmark). A comparison whose MACs could not be matched says so "
         "and is not counted.",
-        f"Staged rows: decomp.recipes.compress_in_stages to X in {config.stages} stages of "
-        f"{config.epochs_per_stage} epoch(s) (stage k: X^(k/{config.stages}) of the MACs, the "
-        "budget re-spent over the current model, output-aware); single-stage rows: the same "
-        f"function with 1 stage of {config.stages * config.epochs_per_stage} epochs. 'F1 "
-        "BN-calibrated' of a staged row is its last stage's start.",
+        "Staged rows: decomp.recipes.compress_in_stages to X in N stages of E epoch(s), as "
+        "each row says (stage k: X^(k/N) of the MACs, the budget re-spent over the current "
+        "model, output-aware); single-stage rows: the same function with 1 stage of N x E "
+        f"epochs (this run's last settings: N = {config.stages}, E = {config.epochs_per_stage}). "
+        "'F1 BN-calibrated' of a staged row is its last stage's start.",
         f"Sweep (for the Pareto plot): {', '.join(config.methods)} at "
         f"{', '.join(config.ranks)}. CP: a layer CP-ALS fails on stays dense (the row says so).",
         "Latency: decomp.metrics.measure_latency, median of "
@@ -1115,15 +1115,20 @@ def fit_lines(table: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def staged_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """For each model and staged budget: staged against single stage, at equal epochs."""
+    """For each model, staged budget and total of fine-tuning epochs: staged against a single
+    stage with as many epochs."""
     ok = _ok(rows)
-    index = {(r["model"], r["series"], r["budget"]): r for r in ok if r["series"] in STAGED_SERIES}
-    keys = sorted({(m, b) for m, _, b in index}, key=lambda k: (k[0], -k[1]))
+    index = {
+        (r["model"], r["series"], r["budget"], r["stages"] * r["epochs_per_stage"]): r
+        for r in ok
+        if r["series"] in STAGED_SERIES
+    }
+    keys = sorted({(m, b, e) for m, _, b, e in index}, key=lambda k: (k[0], -k[1], k[2]))
     table = []
-    for model, budget in keys:
+    for model, budget, epochs in keys:
         entry: dict[str, Any] = {"model": model, "budget": _fraction(budget)}
         for series, name in ((STAGED, "staged"), (SINGLE, "single")):
-            row = index.get((model, series, budget))
+            row = index.get((model, series, budget, epochs))
             if row is None:
                 continue
             entry[f"{name}_how"] = f"{row['stages']} x {row['epochs_per_stage']} ep"
