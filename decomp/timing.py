@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import math
@@ -144,6 +145,7 @@ def _timing(key: Key) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@functools.cache
 def _timer_class() -> Any:
     """``torch.utils.benchmark.Timer``, imported without the warning torch logs on a machine
     with a CUDA folder but no CUDA runtime ("No CUDA runtime is found"), which says nothing

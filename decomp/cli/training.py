@@ -55,6 +55,7 @@ from decomp.demo import (
     DEMO_METHOD,
     DEMO_OUTPUT_DIR,
     RECIPES,
+    TARGET_MACS_RATIO,
     run_demo,
 )
 from decomp.distributed import is_main_process
@@ -335,7 +336,7 @@ def demo_command(
             metavar="F",
             min=0.0,
             max=1.0,
-            help="MACs budget, a fraction of the baseline's (default: the recipe's).",
+            help=f"MACs budget, a fraction of the baseline's (default: {TARGET_MACS_RATIO:g}).",
         ),
     ] = None,
     retrain: Annotated[

@@ -17,7 +17,8 @@ from decomp.recipes import (
     FINETUNE_LR,
 )
 
-# The full recipe's rank: Tucker-2 with EVBMF ranks *weakened* towards full rank,
+# The rank the recipes used before their MACs budget (DemoConfig's rank, which the budget
+# replaces unless a rank is given): Tucker-2 with EVBMF ranks *weakened* towards full rank,
 # R = R_full - 0.6 (R_full - R_vbmf).
 # Raw EVBMF is too aggressive: on FACTS.md's 4-epoch model it left ranks 1 to 5 (F1 0.14 after BN
 # calibration), and on the full recipe's 12-epoch baseline (validation F1 0.9247) it keeps 8.5 %
@@ -42,20 +43,19 @@ TARGET_SECONDS = 15 * 60
 @dataclass(frozen=True)
 class DemoRecipe:
     """What differs between the demo's recipes: the baseline's epochs and augmentation, the
-    Tucker-2 ranks (a rank spec, or a MACs budget that replaces it), the distillation's epochs.
+    distillation's epochs.
 
     Both share everything else: ResNet-18 at 32 px, batch 128, SGD one-cycle to 0.1 with label
-    smoothing 0.1 for the baseline, batch-norm statistics re-estimated on 30 batches,
-    distillation from the baseline at lr 0.01 (cosine).
+    smoothing 0.1 for the baseline, Tucker-2 to a MACs budget of :data:`TARGET_MACS_RATIO`,
+    batch-norm statistics re-estimated on 30 batches, distillation from the baseline at lr 0.01
+    (cosine).
     """
 
     name: str
     epochs: int
     augment: bool
-    rank: str
     finetune_epochs: int
     about: str
-    target_macs: float | None = None
 
 
 RECIPES: dict[str, DemoRecipe] = {
@@ -81,8 +81,6 @@ RECIPES: dict[str, DemoRecipe] = {
         "quick",
         epochs=4,
         augment=False,
-        rank="vbmf",
-        target_macs=TARGET_MACS_RATIO,
         finetune_epochs=2,
         about="4 epochs without augmentation, Tucker-2 to half the MACs (target_macs 0.5), 2 of "
         "distillation; about 10 min on 2 idle cores",
@@ -94,8 +92,6 @@ RECIPES: dict[str, DemoRecipe] = {
         "full",
         epochs=BASELINE_EPOCHS,
         augment=True,
-        rank=DEMO_RANK,
-        target_macs=TARGET_MACS_RATIO,
         finetune_epochs=FINETUNE_EPOCHS,
         about="12 epochs with flips and shifts, Tucker-2 to half the MACs, 2 of distillation; "
         "about 35 min on 2 idle cores",
@@ -161,13 +157,13 @@ def demo_config(
     check_choice("recipe", recipe, RECIPES)
     chosen = RECIPES[recipe]
     rank = options.pop("rank", None)
-    budget = options.pop("target_macs", None if rank is not None else chosen.target_macs)
+    budget = options.pop("target_macs", None if rank is not None else TARGET_MACS_RATIO)
     return DemoConfig(
         recipe=recipe,
         epochs=chosen.epochs if epochs is None else epochs,
         finetune_epochs=chosen.finetune_epochs if finetune_epochs is None else finetune_epochs,
         augment=options.pop("augment", chosen.augment),
-        rank=str(rank or chosen.rank),
+        rank=str(rank or DEMO_RANK),
         target_macs=budget,
         **options,
     )
